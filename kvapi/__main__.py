@@ -1,0 +1,5 @@
+import sys
+
+from kvapi.cli import main
+
+sys.exit(main())

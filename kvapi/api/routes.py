@@ -1,0 +1,252 @@
+"""HTTP routes of the key-value API.
+
+Each handler authenticates, decodes its arguments, and makes one call of a
+kvapi SQL function, which enforces the contract. Handlers build responses
+as bytes with msgspec, copying stored JSON values through unparsed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+import psycopg
+from litestar import Request, Response, delete, get, head, post, put
+
+from kvapi import statements
+from kvapi.api import bodies
+from kvapi.api.auth import ServiceKeyCache, parse_authorization
+from kvapi.api.keypath import APP_ID_SCOPE, KEY_ERROR_SCOPE, KEY_SCOPE
+from kvapi.database import translate_error
+from kvapi.errors import KvError
+
+JSON = "application/json"
+_encode = msgspec.json.encode
+_TOUCH_SECONDS = re.compile(r"[0-9]{1,20}")
+_LIMIT = re.compile(r"[0-9]{1,9}")
+
+
+def json_response(content: dict[str, Any], status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(content=_encode(content), status_code=status_code, media_type=JSON, headers=headers)
+
+
+def etag(version: str) -> str:
+    return f'"{version}"'
+
+
+def parse_if_match(header: str | None) -> list[str] | None:
+    """Return the versions an If-Match header lists ("*" included), or None.
+    Weak validators (W/"...") never match, since If-Match compares strongly."""
+    if header is None:
+        return None
+    versions = []
+    for item in header.split(","):
+        item = item.strip()
+        if item == "*":
+            versions.append("*")
+        elif len(item) >= 2 and item[0] == '"' and item[-1] == '"':
+            versions.append(item[1:-1])
+        elif item.startswith("W/"):
+            continue
+        else:
+            raise KvError("KV_INVALID_REQUEST", f"invalid If-Match header {header!r}: expected quoted ETags or *")
+    return versions
+
+
+def parse_if_none_match(header: str | None) -> bool:
+    if header is None:
+        return False
+    if header.strip() != "*":
+        raise KvError(
+            "KV_INVALID_REQUEST",
+            f"invalid If-None-Match header {header!r}: only If-None-Match: * (create only) is supported",
+        )
+    return True
+
+
+def key_from_scope(request: Request) -> tuple[str, str]:
+    """Return (app id, key) decoded from the raw path by KeyPathRouter."""
+    error = request.scope.get(KEY_ERROR_SCOPE)
+    if error is not None:
+        raise KvError("KV_INVALID_REQUEST", error)
+    key = request.scope.get(KEY_SCOPE)
+    if key is None:
+        raise KvError("KV_NOT_FOUND", "route not found")
+    if key == "":
+        raise KvError("KV_INVALID_REQUEST", "invalid key: the key is empty; send /v1/{app_id}/kv/{key}")
+    return request.scope[APP_ID_SCOPE], key
+
+
+async def run(request: Request, app_id: str, statement: str, params: dict[str, Any], *, service_only: bool = False) -> tuple[Any, ...] | None:
+    """Authenticate the request for app_id, run one statement, and return its row.
+
+    Database errors become KvErrors by their SQLSTATE; connection failures
+    and pool timeouts propagate to the app's 503 handler."""
+    credentials = parse_authorization(request.headers.get("authorization"))
+    cache: ServiceKeyCache = request.app.state.service_keys
+    params["app_id"] = app_id
+    async with request.app.state.pool.connection() as connection:
+        try:
+            if credentials.anonymous:
+                # Any unknown app is a 404 first, whoever asks.
+                await connection.execute(statements.AUTHENTICATE, {"app_id": app_id, "key_hash": None})
+            else:
+                await cache.authenticate(connection, app_id, credentials.key_hash)
+            cursor = await connection.execute(statement, params)
+            return await cursor.fetchone()
+        except psycopg.Error as error:
+            translated = translate_error(error)
+            if translated is None:
+                raise
+            if credentials.anonymous and translated.code == "KV_UNAUTHORIZED":
+                if service_only:
+                    raise KvError("KV_UNAUTHORIZED", "this route needs a service key: send Authorization: Bearer <service key>") from None
+                raise KvError(
+                    "KV_FORBIDDEN",
+                    f"no access rule of app {app_id!r} allows anonymous requests here; send a service key",
+                ) from None
+            raise translated from None
+
+
+def touch_param(touch: str | None) -> str | None:
+    if touch is None:
+        return None
+    if touch == "true":
+        return "true"
+    if _TOUCH_SECONDS.fullmatch(touch):
+        return touch
+    raise KvError("KV_INVALID_REQUEST", f"invalid touch {touch!r}: use touch=true for the default TTL or touch=N for N seconds")
+
+
+@get("/v1/{app_id:str}/kv/{key:path}", summary="Read a key", description="`?touch=true|N` also resets an expiring key's TTL.")
+async def get_key(request: Request, touch: str | None = None) -> Response:
+    app_id, key = key_from_scope(request)
+    row = await run(request, app_id, statements.GET, {"key": key, "touch": touch_param(touch)})
+    value, version, ttl = row
+    if value is None:
+        return json_response(
+            {"value": None, "error": {"code": "KV_NOT_FOUND", "message": f"key {key!r} not found"}},
+            status_code=404,
+        )
+    body = {"key": key, "value": msgspec.Raw(value), "ttl": ttl, "version": version}
+    return json_response(body, headers={"ETag": etag(version)})
+
+
+@head("/v1/{app_id:str}/kv/{key:path}", summary="Check that a key exists")
+async def head_key(request: Request) -> Response[None]:
+    app_id, key = key_from_scope(request)
+    (found,) = await run(request, app_id, statements.EXISTS, {"key": key})
+    return Response(content=b"", status_code=200 if found else 404)
+
+
+@put("/v1/{app_id:str}/kv/{key:path}", summary="Write a key", status_code=200)
+async def put_key(request: Request) -> Response:
+    app_id, key = key_from_scope(request)
+    body = bodies.decode(await request.body(), bodies.PutBody, '{"value": ..., "ttl"?, "keepTtl"?, "ephemeral"?}')
+    params = {
+        "key": key,
+        "value": bodies.raw_text(body.value),
+        "ttl": bodies.ttl_param(body.ttl),
+        "keep_ttl": body.keep_ttl,
+        "ephemeral": body.ephemeral,
+        "if_match": parse_if_match(request.headers.get("if-match")),
+        "if_absent": parse_if_none_match(request.headers.get("if-none-match")),
+    }
+    version, ttl = await run(request, app_id, statements.SET, params)
+    return json_response({"key": key, "ttl": ttl, "version": version}, headers={"ETag": etag(version)})
+
+
+@delete("/v1/{app_id:str}/kv/{key:path}", summary="Delete a key", status_code=200)
+async def delete_key(request: Request) -> Response:
+    app_id, key = key_from_scope(request)
+    params = {"key": key, "if_match": parse_if_match(request.headers.get("if-match"))}
+    (deleted,) = await run(request, app_id, statements.DELETE, params)
+    return json_response({"deleted": deleted})
+
+
+@post("/v1/{app_id:str}/kv/{key:path}", summary="Run setnx, setex, cas, incr, decr, expire, ttl or exists on a key", status_code=200)
+async def post_key(request: Request) -> Response:
+    app_id, key = key_from_scope(request)
+    op = bodies.decode(
+        await request.body(), bodies.KeyOp,
+        '{"op": "setnx"|"setex"|"cas"|"incr"|"decr"|"expire"|"ttl"|"exists", ...arguments}',
+    )
+    params: dict[str, Any] = {"key": key}
+
+    if isinstance(op, bodies.SetnxOp):
+        params.update(value=bodies.raw_text(op.value), ttl=bodies.ttl_param(op.ttl), ephemeral=op.ephemeral)
+        (created,) = await run(request, app_id, statements.SETNX, params)
+        return json_response({"created": created})
+
+    if isinstance(op, bodies.SetexOp):
+        if op.ttl is msgspec.UNSET or op.ttl is None:
+            raise KvError("KV_INVALID_REQUEST", "invalid ttl: setex requires a ttl in seconds; use set for a key without expiry")
+        params.update(value=bodies.raw_text(op.value), ttl=bodies.ttl_param(op.ttl), ephemeral=op.ephemeral)
+        version, ttl = await run(request, app_id, statements.SETEX, params)
+        return json_response({"key": key, "ttl": ttl, "version": version}, headers={"ETag": etag(version)})
+
+    if isinstance(op, bodies.CasOp):
+        params.update(expected=bodies.raw_text(op.expected), next=bodies.raw_text(op.next), ttl=bodies.ttl_param(op.ttl))
+        (swapped,) = await run(request, app_id, statements.CAS, params)
+        if not swapped:
+            raise KvError("KV_CAS_MISMATCH", f"cas on key {key!r} failed: the current value does not match expected")
+        return json_response({"swapped": True})
+
+    if isinstance(op, (bodies.IncrOp, bodies.DecrOp)):
+        params["by"] = bodies.check_by(op.by)
+        statement = statements.INCR if isinstance(op, bodies.IncrOp) else statements.DECR
+        (value,) = await run(request, app_id, statement, params)
+        return json_response({"value": value})
+
+    if isinstance(op, bodies.ExpireOp):
+        if op.ttl is msgspec.UNSET:
+            raise KvError("KV_INVALID_REQUEST", "invalid ttl: expire requires ttl (seconds, or null to remove the expiry)")
+        params["ttl"] = bodies.ttl_param(op.ttl)
+        (updated,) = await run(request, app_id, statements.EXPIRE, params)
+        return json_response({"updated": updated})
+
+    if isinstance(op, bodies.TtlOp):
+        ttl, exists = await run(request, app_id, statements.TTL, params)
+        return json_response({"ttl": ttl, "exists": exists})
+
+    (exists,) = await run(request, app_id, statements.EXISTS, params)
+    return json_response({"exists": exists})
+
+
+@post("/v1/{app_id:str}/kv", summary="Run mget or mset", status_code=200)
+async def post_batch(request: Request, app_id: str) -> Response:
+    op = bodies.decode(
+        await request.body(), bodies.BatchOp,
+        '{"op": "mget", "keys": [...]} or {"op": "mset", "entries": {...}, "ttl"?, "ephemeral"?}',
+    )
+    if isinstance(op, bodies.MgetOp):
+        if any("\x00" in key for key in op.keys):
+            raise KvError("KV_INVALID_REQUEST", "invalid key: keys cannot contain U+0000")
+        (values,) = await run(request, app_id, statements.MGET, {"keys": op.keys})
+        return json_response({"values": msgspec.Raw(values)})
+
+    params = {"entries": bodies.raw_text(op.entries), "ttl": bodies.ttl_param(op.ttl), "ephemeral": op.ephemeral}
+    (count,) = await run(request, app_id, statements.MSET, params)
+    return json_response({"count": count})
+
+
+@get("/v1/{app_id:str}/kv", summary="List keys (service key only)")
+async def list_keys(request: Request, app_id: str, prefix: str | None = None, cursor: str | None = None, limit: str | None = None) -> Response:
+    if limit is not None and not _LIMIT.fullmatch(limit):
+        raise KvError("KV_INVALID_REQUEST", f"invalid limit {limit!r}: expected an integer from 1 to 1000")
+    if prefix is not None and "\x00" in prefix:
+        raise KvError("KV_INVALID_REQUEST", "invalid prefix: prefixes cannot contain U+0000")
+    params = {"prefix": prefix or "", "cursor": cursor or None, "limit": int(limit) if limit else 100}
+    (page,) = await run(request, app_id, statements.LIST, params, service_only=True)
+    return Response(content=page, media_type=JSON)
+
+
+@get("/health", summary="Check that the server can reach its database")
+async def health(request: Request) -> Response:
+    async with request.app.state.pool.connection() as connection:
+        await connection.execute(statements.HEALTH)
+    return json_response({"status": "ok"})
+
+
+ROUTES = [get_key, head_key, put_key, delete_key, post_key, post_batch, list_keys, health]

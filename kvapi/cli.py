@@ -1,0 +1,170 @@
+"""The kvapi command line: serve, migrate, apps create, purge.
+
+Every command reaches the same database: DATABASE_URL when it is set, else
+the embedded PostgreSQL server in the data folder (--data-dir, else
+KVAPI_DATA_DIR, else the per-user data folder). While `kvapi serve` runs,
+the other commands attach to its embedded server instead of starting one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import sys
+from pathlib import Path
+
+import psycopg
+
+from kvapi import embedded, logs, migrate, purge, statements
+from kvapi.api.auth import hash_service_key, new_service_key
+from kvapi.database import translate_error
+
+logger = logging.getLogger("kvapi.cli")
+
+DEFAULT_PORT = 8080
+
+
+def _database_url(args: argparse.Namespace) -> str:
+    """Return the database URL. The embedded database is migrated here, so
+    that any command works on a fresh data folder; a DATABASE_URL server is
+    migrated only by `kvapi migrate` and `kvapi serve`, by its operator's choice."""
+    if os.environ.get("DATABASE_URL"):
+        return os.environ["DATABASE_URL"]
+    url = embedded.database_url(args.data_dir)
+    migrate.upgrade(url)
+    return url
+
+
+def command_serve(args: argparse.Namespace) -> int:
+    from granian import Granian
+    from granian.constants import Interfaces
+
+    url = _database_url(args)
+    if os.environ.get("DATABASE_URL"):
+        migrate.upgrade(url)
+    with psycopg.connect(url, autocommit=True) as connection:
+        cron = purge.schedule_cron_job(connection)
+    os.environ["DATABASE_URL"] = url
+    # With a pg_cron job in place the workers need no purge loop of their own.
+    os.environ["KVAPI_PURGE_INTERVAL"] = "0" if cron else str(args.purge_interval)
+    os.environ["KVAPI_POOL_SIZE"] = str(args.pool_size)
+
+    logger.info(
+        "serving",
+        extra={"event": "serve.start", "host": args.host, "port": args.port, "workers": args.workers, "purge_with_cron": cron},
+    )
+    server = Granian(
+        "kvapi.api.app:create_app",
+        factory=True,
+        address=args.host,
+        port=args.port,
+        interface=Interfaces.ASGI,
+        workers=args.workers,
+        log_dictconfig=logs.dict_config(),
+    )
+    server.serve()
+    logger.info("server stopped", extra={"event": "serve.stop"})
+    return 0
+
+
+def command_migrate(args: argparse.Namespace) -> int:
+    url = _database_url(args)
+    if os.environ.get("DATABASE_URL"):
+        migrate.upgrade(url)
+    return 0
+
+
+def command_apps_create(args: argparse.Namespace) -> int:
+    url = _database_url(args)
+    service_key = new_service_key()
+    jwt_secret = secrets.token_urlsafe(32)
+    with psycopg.connect(url, autocommit=True) as connection:
+        try:
+            connection.execute(
+                statements.CREATE_APP,
+                {"app_id": args.name, "key_hash": hash_service_key(service_key), "jwt_secret": jwt_secret},
+            )
+        except psycopg.Error as error:
+            translated = translate_error(error)
+            if translated is None:
+                raise
+            print(f"kvapi: {translated.message}", file=sys.stderr)
+            return 1
+    logger.info("app created", extra={"event": "apps.create", "app_id": args.name})
+    result = {"app_id": args.name, "service_key": service_key, "jwt_secret": jwt_secret}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"app_id:      {args.name}")
+        print(f"service_key: {service_key}")
+        print(f"jwt_secret:  {jwt_secret}")
+        print("Store both secrets now: kvapi keeps only a hash of the service key.")
+    return 0
+
+
+def command_purge(args: argparse.Namespace) -> int:
+    deleted = purge.purge_once(_database_url(args), args.batch_size)
+    logger.info("purge finished", extra={"event": "purge.once", "deleted": deleted})
+    print(json.dumps({"deleted": deleted}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvapi", description="A key-value store inside PostgreSQL.")
+    parser.add_argument(
+        "--data-dir", type=Path, default=None,
+        help="folder of the embedded PostgreSQL server (default: KVAPI_DATA_DIR, else the per-user data folder); "
+             "ignored when DATABASE_URL is set",
+    )
+    parser.add_argument("--log-level", default=os.environ.get("KVAPI_LOG_LEVEL", "INFO"), help="logging level (default: INFO)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="migrate the database and serve the HTTP API")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default: {DEFAULT_PORT})")
+    serve.add_argument("--workers", type=int, default=1, help="server worker processes (default: 1)")
+    serve.add_argument("--pool-size", type=int, default=10, help="database connections per worker (default: 10)")
+    serve.add_argument(
+        "--purge-interval", type=float, default=60.0,
+        help="seconds between purges of expired keys when pg_cron is not installed (default: 60; 0 disables)",
+    )
+    serve.set_defaults(handler=command_serve)
+
+    migrate_parser = commands.add_parser("migrate", help="install or upgrade the kvapi schema")
+    migrate_parser.set_defaults(handler=command_migrate)
+
+    apps = commands.add_parser("apps", help="manage apps (tenants)")
+    app_commands = apps.add_subparsers(dest="apps_command", required=True)
+    create = app_commands.add_parser("create", help="create an app and print its service key and JWT secret")
+    create.add_argument("name", help="app id: 1 to 64 characters of A-Z, a-z, 0-9, _ and -")
+    create.add_argument("--json", action="store_true", help='print {"app_id", "service_key", "jwt_secret"} as JSON')
+    create.set_defaults(handler=command_apps_create)
+
+    purge_parser = commands.add_parser("purge", help="delete expired keys now, in batches")
+    purge_parser.add_argument("--batch-size", type=int, default=purge.BATCH_SIZE, help="rows per transaction (default: 1000)")
+    purge_parser.set_defaults(handler=command_purge)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logs.configure(args.log_level)
+    try:
+        return args.handler(args)
+    except psycopg.errors.UndefinedFunction as error:
+        print(f"kvapi: the kvapi schema is missing or outdated ({error.diag.message_primary}); run: kvapi migrate", file=sys.stderr)
+        return 2
+    except psycopg.errors.InvalidSchemaName as error:
+        print(f"kvapi: the kvapi schema is not installed ({error.diag.message_primary}); run: kvapi migrate", file=sys.stderr)
+        return 2
+    except psycopg.OperationalError as error:
+        logger.error("database unavailable", extra={"event": "cli.db_unavailable", "error": str(error)})
+        print(f"kvapi: cannot reach the database: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
