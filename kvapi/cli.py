@@ -105,6 +105,36 @@ def command_apps_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_app_statement(args: argparse.Namespace, statement: str, params: dict) -> int:
+    """Run an app administration statement; print a registered error and return 1."""
+    with psycopg.connect(_database_url(args), autocommit=True) as connection:
+        try:
+            connection.execute(statement, params)
+        except psycopg.Error as error:
+            translated = translate_error(error)
+            if translated is None:
+                raise
+            print(f"kvapi: {translated.message}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def command_apps_add_key(args: argparse.Namespace) -> int:
+    public_key = args.public_key_file.read_text(encoding="utf-8")
+    params = {"app_id": args.app, "algorithm": args.algorithm, "public_key": public_key}
+    status = _run_app_statement(args, statements.ADD_JWT_KEY, params)
+    if status == 0:
+        logger.info("token key added", extra={"event": "apps.add_key", "app_id": args.app, "algorithm": args.algorithm})
+    return status
+
+
+def command_apps_grant_role(args: argparse.Namespace) -> int:
+    status = _run_app_statement(args, statements.GRANT_ROLE, {"app_id": args.app, "role": args.role})
+    if status == 0:
+        logger.info("role bound to app", extra={"event": "apps.grant_role", "app_id": args.app, "role": args.role})
+    return status
+
+
 def command_purge(args: argparse.Namespace) -> int:
     deleted = purge.purge_once(_database_url(args), args.batch_size)
     logger.info("purge finished", extra={"event": "purge.once", "deleted": deleted})
@@ -142,6 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("name", help="app id: 1 to 64 characters of A-Z, a-z, 0-9, _ and -")
     create.add_argument("--json", action="store_true", help='print {"app_id", "service_key", "jwt_secret"} as JSON')
     create.set_defaults(handler=command_apps_create)
+    add_key = app_commands.add_parser("add-key", help="register a public key that verifies the app's RS256 or ES256 end-user tokens")
+    add_key.add_argument("app", help="app id")
+    add_key.add_argument("public_key_file", type=Path, help="PEM file of the public key")
+    add_key.add_argument("--algorithm", choices=["RS256", "ES256"], required=True, help="token algorithm the key verifies")
+    add_key.set_defaults(handler=command_apps_add_key)
+    grant_role = app_commands.add_parser(
+        "grant-role", help="let an existing database role call the key-value functions for this app only"
+    )
+    grant_role.add_argument("app", help="app id")
+    grant_role.add_argument("role", help="database role name")
+    grant_role.set_defaults(handler=command_apps_grant_role)
 
     purge_parser = commands.add_parser("purge", help="delete expired keys now, in batches")
     purge_parser.add_argument("--batch-size", type=int, default=purge.BATCH_SIZE, help="rows per transaction (default: 1000)")

@@ -74,6 +74,9 @@ def translate_error(error: psycopg.Error) -> KvError | None:
                 extra = detail
         return KvError(entry.code, message, **extra)
 
+    if isinstance(error, psycopg.DataError) and not sqlstate:
+        # Raised by psycopg itself before sending, e.g. for U+0000 in text.
+        return KvError("KV_INVALID_REQUEST", f"invalid argument: {error}")
     if sqlstate.startswith(DATA_EXCEPTION_CLASS):
         if diag.message_detail:
             message = f"{message}: {diag.message_detail}"

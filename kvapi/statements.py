@@ -8,47 +8,57 @@ shift the others.
 
 AUTHENTICATE = "SELECT kvapi.app_authenticate(%(app_id)s, %(key_hash)s)"
 
-GET = "SELECT value, version, ttl FROM kvapi.kv_get(%(app_id)s, %(key)s, p_touch => %(touch)s::jsonb)"
+JWT_KEYS = "SELECT kvapi.app_jwt_keys(%(app_id)s)"
+
+GET = """
+SELECT value, version, ttl FROM kvapi.kv_get(%(app_id)s, %(key)s, p_touch => %(touch)s::jsonb,
+    p_requester => %(requester)s::jsonb)
+"""
 
 SET = """
 SELECT version, ttl FROM kvapi.kv_set(
     %(app_id)s, %(key)s, %(value)s::jsonb,
     p_ttl => %(ttl)s::jsonb, p_keep_ttl => %(keep_ttl)s, p_ephemeral => %(ephemeral)s,
-    p_if_match => %(if_match)s::text[], p_if_absent => %(if_absent)s)
+    p_if_match => %(if_match)s::text[], p_if_absent => %(if_absent)s,
+    p_requester => %(requester)s::jsonb)
 """
 
 SETEX = """
 SELECT version, ttl FROM kvapi.kv_setex(
-    %(app_id)s, %(key)s, %(value)s::jsonb, %(ttl)s::jsonb, p_ephemeral => %(ephemeral)s)
+    %(app_id)s, %(key)s, %(value)s::jsonb, %(ttl)s::jsonb, p_ephemeral => %(ephemeral)s,
+    p_requester => %(requester)s::jsonb)
 """
 
 SETNX = """
 SELECT kvapi.kv_setnx(%(app_id)s, %(key)s, %(value)s::jsonb,
-    p_ttl => %(ttl)s::jsonb, p_ephemeral => %(ephemeral)s)
+    p_ttl => %(ttl)s::jsonb, p_ephemeral => %(ephemeral)s, p_requester => %(requester)s::jsonb)
 """
 
 CAS = """
 SELECT kvapi.kv_cas(%(app_id)s, %(key)s, %(expected)s::jsonb, %(next)s::jsonb,
-    p_ttl => %(ttl)s::jsonb)
+    p_ttl => %(ttl)s::jsonb, p_requester => %(requester)s::jsonb)
 """
 
-INCR = "SELECT kvapi.kv_incr(%(app_id)s, %(key)s, %(by)s::bigint)"
+INCR = "SELECT kvapi.kv_incr(%(app_id)s, %(key)s, %(by)s::bigint, p_requester => %(requester)s::jsonb)"
 
-DECR = "SELECT kvapi.kv_decr(%(app_id)s, %(key)s, %(by)s::bigint)"
+DECR = "SELECT kvapi.kv_decr(%(app_id)s, %(key)s, %(by)s::bigint, p_requester => %(requester)s::jsonb)"
 
-EXISTS = "SELECT kvapi.kv_exists(%(app_id)s, %(key)s)"
+EXISTS = "SELECT kvapi.kv_exists(%(app_id)s, %(key)s, p_requester => %(requester)s::jsonb)"
 
-DELETE = "SELECT kvapi.kv_del(%(app_id)s, %(key)s, p_if_match => %(if_match)s::text[])"
+DELETE = """
+SELECT kvapi.kv_del(%(app_id)s, %(key)s, p_if_match => %(if_match)s::text[],
+    p_requester => %(requester)s::jsonb)
+"""
 
-EXPIRE = "SELECT kvapi.kv_expire(%(app_id)s, %(key)s, %(ttl)s::jsonb)"
+EXPIRE = "SELECT kvapi.kv_expire(%(app_id)s, %(key)s, %(ttl)s::jsonb, p_requester => %(requester)s::jsonb)"
 
-TTL = 'SELECT ttl, "exists" FROM kvapi.kv_ttl(%(app_id)s, %(key)s)'
+TTL = 'SELECT ttl, "exists" FROM kvapi.kv_ttl(%(app_id)s, %(key)s, p_requester => %(requester)s::jsonb)'
 
-MGET = "SELECT kvapi.kv_mget(%(app_id)s, %(keys)s::text[])"
+MGET = "SELECT kvapi.kv_mget(%(app_id)s, %(keys)s::text[], p_requester => %(requester)s::jsonb)"
 
 MSET = """
 SELECT kvapi.kv_mset(%(app_id)s, %(entries)s::jsonb,
-    p_ttl => %(ttl)s::jsonb, p_ephemeral => %(ephemeral)s)
+    p_ttl => %(ttl)s::jsonb, p_ephemeral => %(ephemeral)s, p_requester => %(requester)s::jsonb)
 """
 
 LIST = """
@@ -56,7 +66,19 @@ SELECT kvapi.kv_list(%(app_id)s, p_prefix => %(prefix)s, p_cursor => %(cursor)s,
     p_limit => %(limit)s::integer)
 """
 
+EXPOSE = "SELECT kvapi.kv_expose(%(app_id)s, %(pattern)s, %(read)s, %(write)s)"
+
+UNEXPOSE = "SELECT kvapi.kv_unexpose(%(app_id)s, %(pattern)s)"
+
+LIST_RULES = "SELECT kvapi.kv_list_rules(%(app_id)s)"
+
+EXPLAIN = "SELECT kvapi.kv_explain(%(app_id)s, %(key)s, %(user)s::jsonb)"
+
 PURGE_BATCH = "SELECT kvapi.kv_purge_batch(%(batch_size)s)"
+
+ADD_JWT_KEY = "SELECT kvapi.app_add_jwt_key(%(app_id)s, %(algorithm)s, %(public_key)s)"
+
+GRANT_ROLE = "SELECT kvapi.app_grant_role(%(app_id)s, %(role)s)"
 
 CREATE_APP = "SELECT kvapi.app_create(%(app_id)s, %(key_hash)s, %(jwt_secret)s)"
 

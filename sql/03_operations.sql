@@ -12,14 +12,21 @@
 -- * Versions are returned as text and are opaque to callers.
 -- * Writers of a key serialise on kvapi_data.lock_key until the end of the
 --   transaction; reads take no locks.
+-- * p_requester is NULL for trusted callers (service keys, bound database
+--   roles), '{}' for anonymous end users and {"id", "role"?} for signed-in
+--   ones; kvapi_data.check_access raises KVFOR unless a rule allows the
+--   request. Every function also raises KVFOR when the database role is not
+--   allowed to touch the app (see 06_access.sql).
+-- * The functions are SECURITY DEFINER so that roles bound to an app can
+--   call them without any privilege on the tables.
 
 -- Read a key. Without p_touch the row is only read. With p_touch true (the
 -- plan's default TTL) or a TTL in seconds, an expiring key gets that TTL
 -- from now; a key without expiry keeps none. Touching does not change the
 -- version. A missing key returns NULL in every column.
-CREATE FUNCTION kvapi.kv_get(p_app_id text, p_key text, p_touch jsonb DEFAULT NULL,
+CREATE FUNCTION kvapi.kv_get(p_app_id text, p_key text, p_touch jsonb DEFAULT NULL, p_requester jsonb DEFAULT NULL,
     OUT value jsonb, OUT version text, OUT ttl bigint)
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -28,6 +35,7 @@ DECLARE
     v_seconds bigint;
 BEGIN
     PERFORM kvapi_data.check_key(p_key);
+    PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'read');
 
     IF p_touch IS NOT NULL THEN
         IF jsonb_typeof(p_touch) = 'boolean' AND p_touch = 'true' THEN
@@ -40,6 +48,8 @@ BEGIN
                     HINT = 'Send touch=true for the default TTL or touch=N for N seconds.';
             END IF;
         END IF;
+        -- Touching changes the expiry, so it needs write access as well.
+        PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'write');
         PERFORM kvapi_data.lock_key(p_app_id, p_key);
     END IF;
 
@@ -78,8 +88,9 @@ CREATE FUNCTION kvapi.kv_set(p_app_id text, p_key text, p_value jsonb,
     p_ttl jsonb DEFAULT NULL, p_keep_ttl boolean DEFAULT false,
     p_ephemeral boolean DEFAULT false,
     p_if_match text[] DEFAULT NULL, p_if_absent boolean DEFAULT false,
+    p_requester jsonb DEFAULT NULL,
     OUT version text, OUT ttl bigint)
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -89,6 +100,7 @@ DECLARE
     v_expires_at timestamptz;
 BEGIN
     PERFORM kvapi_data.check_key(p_key);
+    PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'write');
     v_plan := kvapi_data.app_plan(p_app_id);
     PERFORM kvapi_data.check_value(p_value, p_key, v_plan);
     IF p_keep_ttl AND p_ttl IS NOT NULL THEN
@@ -136,9 +148,9 @@ $$;
 
 -- Write a key with a required TTL (JSON null or SQL NULL raises KVINV).
 CREATE FUNCTION kvapi.kv_setex(p_app_id text, p_key text, p_value jsonb, p_ttl jsonb,
-    p_ephemeral boolean DEFAULT false,
+    p_ephemeral boolean DEFAULT false, p_requester jsonb DEFAULT NULL,
     OUT version text, OUT ttl bigint)
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -148,16 +160,17 @@ BEGIN
             HINT = 'Send ttl as a whole number of seconds, or use set for a key without expiry.';
     END IF;
     SELECT s.version, s.ttl INTO version, ttl
-    FROM kvapi.kv_set(p_app_id, p_key, p_value, p_ttl => p_ttl, p_ephemeral => p_ephemeral) s;
+    FROM kvapi.kv_set(p_app_id, p_key, p_value, p_ttl => p_ttl, p_ephemeral => p_ephemeral,
+                      p_requester => p_requester) s;
 END
 $$;
 
 -- Write a key only when it is absent (or expired); return whether it was
 -- written. Of concurrent callers on one key exactly one gets true.
 CREATE FUNCTION kvapi.kv_setnx(p_app_id text, p_key text, p_value jsonb,
-    p_ttl jsonb DEFAULT NULL, p_ephemeral boolean DEFAULT false)
+    p_ttl jsonb DEFAULT NULL, p_ephemeral boolean DEFAULT false, p_requester jsonb DEFAULT NULL)
 RETURNS boolean
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -166,6 +179,7 @@ DECLARE
     v_seconds bigint;
 BEGIN
     PERFORM kvapi_data.check_key(p_key);
+    PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'write');
     v_plan := kvapi_data.app_plan(p_app_id);
     PERFORM kvapi_data.check_value(p_value, p_key, v_plan);
     IF p_ttl IS NULL THEN
@@ -192,9 +206,9 @@ $$;
 -- p_ttl is given; a key created by the swap gets the default TTL and the
 -- durable tier. Returns whether the swap happened.
 CREATE FUNCTION kvapi.kv_cas(p_app_id text, p_key text, p_expected jsonb, p_next jsonb,
-    p_ttl jsonb DEFAULT NULL)
+    p_ttl jsonb DEFAULT NULL, p_requester jsonb DEFAULT NULL)
 RETURNS boolean
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -206,6 +220,7 @@ DECLARE
     v_expires_at timestamptz;
 BEGIN
     PERFORM kvapi_data.check_key(p_key);
+    PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'write');
     v_plan := kvapi_data.app_plan(p_app_id);
     IF NOT v_delete THEN
         PERFORM kvapi_data.check_value(p_next, p_key, v_plan);
@@ -250,9 +265,10 @@ $$;
 -- TTL and tier. Raises KVNAC when the stored value is not a JSON integer
 -- (1.0, 2.5, "3" and true are not) and KVOVF when the result leaves the
 -- signed 64-bit range; either way the value is unchanged.
-CREATE FUNCTION kvapi.kv_incr(p_app_id text, p_key text, p_by bigint DEFAULT 1)
+CREATE FUNCTION kvapi.kv_incr(p_app_id text, p_key text, p_by bigint DEFAULT 1,
+    p_requester jsonb DEFAULT NULL)
 RETURNS bigint
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -264,6 +280,7 @@ DECLARE
     v_expires_at timestamptz;
 BEGIN
     PERFORM kvapi_data.check_key(p_key);
+    PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'write');
     IF p_by IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'KVINV',
             MESSAGE = format('invalid by NULL for key %L', left(p_key, 64)),
@@ -301,9 +318,10 @@ END
 $$;
 
 -- Subtract p_by from an integer counter; see kv_incr.
-CREATE FUNCTION kvapi.kv_decr(p_app_id text, p_key text, p_by bigint DEFAULT 1)
+CREATE FUNCTION kvapi.kv_decr(p_app_id text, p_key text, p_by bigint DEFAULT 1,
+    p_requester jsonb DEFAULT NULL)
 RETURNS bigint
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
@@ -312,16 +330,18 @@ BEGIN
             MESSAGE = format('decrementing key %L by %s overflows a signed 64-bit integer', left(p_key, 64), p_by),
             HINT = 'Use incr with the positive amount instead.';
     END IF;
-    RETURN kvapi.kv_incr(p_app_id, p_key, -p_by);
+    RETURN kvapi.kv_incr(p_app_id, p_key, -p_by, p_requester);
 END
 $$;
 
-CREATE FUNCTION kvapi.kv_exists(p_app_id text, p_key text) RETURNS boolean
-LANGUAGE plpgsql STABLE
+CREATE FUNCTION kvapi.kv_exists(p_app_id text, p_key text, p_requester jsonb DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM kvapi_data.check_key(p_key);
+    PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'read');
     PERFORM FROM kvapi_data.find_live(p_app_id, p_key, statement_timestamp());
     IF FOUND THEN
         RETURN true;
@@ -333,15 +353,17 @@ $$;
 
 -- Delete a key and return whether a live key was deleted. p_if_match works
 -- as in kv_set (KVVER when the key is absent or at another version).
-CREATE FUNCTION kvapi.kv_del(p_app_id text, p_key text, p_if_match text[] DEFAULT NULL)
+CREATE FUNCTION kvapi.kv_del(p_app_id text, p_key text, p_if_match text[] DEFAULT NULL,
+    p_requester jsonb DEFAULT NULL)
 RETURNS boolean
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_row record;
 BEGIN
     PERFORM kvapi_data.check_key(p_key);
+    PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'write');
     PERFORM kvapi_data.lock_key(p_app_id, p_key);
     SELECT * INTO v_row FROM kvapi_data.find_live(p_app_id, p_key, statement_timestamp());
 
@@ -363,8 +385,9 @@ $$;
 -- Set or remove a live key's TTL: p_ttl seconds from now, or JSON null for
 -- no expiry (SQL NULL raises KVINV). Gives the key a new version. Returns
 -- false when the key is absent.
-CREATE FUNCTION kvapi.kv_expire(p_app_id text, p_key text, p_ttl jsonb) RETURNS boolean
-LANGUAGE plpgsql VOLATILE
+CREATE FUNCTION kvapi.kv_expire(p_app_id text, p_key text, p_ttl jsonb, p_requester jsonb DEFAULT NULL)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -373,6 +396,7 @@ DECLARE
     v_expires_at timestamptz;
 BEGIN
     PERFORM kvapi_data.check_key(p_key);
+    PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'write');
     IF p_ttl IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'KVINV',
             MESSAGE = format('invalid ttl for expire on key %L: the ttl is missing', left(p_key, 64)),
@@ -393,8 +417,9 @@ $$;
 
 -- Remaining TTL in seconds (rounded up) and whether the key exists; ttl is
 -- NULL for a key without expiry and for a missing key.
-CREATE FUNCTION kvapi.kv_ttl(p_app_id text, p_key text, OUT ttl bigint, OUT "exists" boolean)
-LANGUAGE plpgsql STABLE
+CREATE FUNCTION kvapi.kv_ttl(p_app_id text, p_key text, p_requester jsonb DEFAULT NULL,
+    OUT ttl bigint, OUT "exists" boolean)
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -402,6 +427,7 @@ DECLARE
     v_row record;
 BEGIN
     PERFORM kvapi_data.check_key(p_key);
+    PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'read');
     SELECT * INTO v_row FROM kvapi_data.find_live(p_app_id, p_key, v_now);
     "exists" := FOUND;
     IF NOT FOUND THEN
@@ -414,8 +440,9 @@ $$;
 
 -- Values of up to 1000 keys as a JSON array in the order asked, with null
 -- for each missing key.
-CREATE FUNCTION kvapi.kv_mget(p_app_id text, p_keys text[]) RETURNS jsonb
-LANGUAGE plpgsql STABLE
+CREATE FUNCTION kvapi.kv_mget(p_app_id text, p_keys text[], p_requester jsonb DEFAULT NULL)
+RETURNS jsonb
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -430,6 +457,7 @@ BEGIN
     END IF;
     FOREACH v_key IN ARRAY p_keys LOOP
         PERFORM kvapi_data.check_key(v_key);
+        PERFORM kvapi_data.check_access(p_app_id, v_key, p_requester, 'read');
     END LOOP;
     PERFORM kvapi_data.app_plan(p_app_id);
 
@@ -445,9 +473,9 @@ $$;
 -- number of keys written. Keys are locked in byte order so that concurrent
 -- kv_mset calls cannot deadlock.
 CREATE FUNCTION kvapi.kv_mset(p_app_id text, p_entries jsonb, p_ttl jsonb DEFAULT NULL,
-    p_ephemeral boolean DEFAULT false)
+    p_ephemeral boolean DEFAULT false, p_requester jsonb DEFAULT NULL)
 RETURNS integer
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -481,6 +509,7 @@ BEGIN
         SELECT e.key COLLATE "C" AS key, e.value FROM jsonb_each(p_entries) e ORDER BY 1
     LOOP
         PERFORM kvapi_data.check_key(v_entry.key);
+        PERFORM kvapi_data.check_access(p_app_id, v_entry.key, p_requester, 'write');
         PERFORM kvapi_data.check_value(v_entry.value, v_entry.key, v_plan);
         PERFORM kvapi_data.lock_key(p_app_id, v_entry.key);
         SELECT f.ephemeral INTO v_live_ephemeral
@@ -500,7 +529,7 @@ $$;
 CREATE FUNCTION kvapi.kv_list(p_app_id text, p_prefix text DEFAULT '',
     p_cursor text DEFAULT NULL, p_limit integer DEFAULT 100)
 RETURNS jsonb
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -522,6 +551,7 @@ BEGIN
             MESSAGE = format('invalid prefix %L...: the prefix is %s UTF-8 bytes long', left(v_prefix, 64), octet_length(v_prefix)),
             HINT = 'Keys are at most 1024 bytes, so use a shorter prefix.';
     END IF;
+    PERFORM kvapi_data.check_caller(p_app_id);
     PERFORM kvapi_data.app_plan(p_app_id);
     IF p_cursor IS NOT NULL THEN
         v_after := kvapi_data.decode_cursor(p_cursor);

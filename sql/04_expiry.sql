@@ -6,7 +6,7 @@
 -- the purge never waits on application traffic; the DELETE re-checks the
 -- expiry, so a key rewritten after it was picked survives.
 CREATE FUNCTION kvapi.kv_purge_batch(p_batch_size integer DEFAULT 1000) RETURNS integer
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE

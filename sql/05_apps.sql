@@ -36,7 +36,7 @@ $$;
 -- if it belongs to p_app_id. Raises KVAPP for an unknown app (whatever the
 -- key) and KVUNA for a key that is not one of the app's.
 CREATE FUNCTION kvapi.app_authenticate(p_app_id text, p_key_hash bytea) RETURNS bigint
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE

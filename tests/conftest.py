@@ -93,7 +93,7 @@ def create_app(url: str, app_id: str | None = None) -> App:
     service_key = new_service_key()
     with psycopg.connect(url, autocommit=True) as connection:
         connection.execute(
-            "SELECT kvapi.app_create(%s, %s, %s)", [app_id, hash_service_key(service_key), secrets.token_urlsafe(16)]
+            "SELECT kvapi.app_create(%s, %s, %s)", [app_id, hash_service_key(service_key), secrets.token_urlsafe(32)]
         )
     return App(app_id, service_key)
 

@@ -15,7 +15,7 @@ from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 
 from kvapi import __version__
-from kvapi.api.auth import ServiceKeyCache
+from kvapi.api.auth import CredentialCache
 from kvapi.api.keypath import KeyPathRouter
 from kvapi.api.routes import ROUTES, json_response
 from kvapi.database import create_pool, translate_error
@@ -81,7 +81,7 @@ def create_litestar(database_url: str, *, pool_size: int = 10, purge_interval: f
         pool = create_pool(database_url, max_size=pool_size)
         await pool.open(wait=False)
         app.state.pool = pool
-        app.state.service_keys = ServiceKeyCache()
+        app.state.credentials = CredentialCache()
         purge_task = asyncio.create_task(purge_loop(pool, purge_interval)) if purge_interval > 0 else None
         logger.info("API worker started", extra={"event": "api.start", "pid": os.getpid(), "pool_size": pool_size})
         try:

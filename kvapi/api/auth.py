@@ -1,38 +1,57 @@
-"""Service-key authentication.
+"""Authentication of service keys and end-user tokens.
 
-A service key is checked by its SHA-256 digest against kvapi.app_authenticate.
-Successful checks are cached per process for CACHE_SECONDS, so that a
-request normally costs a single database call (the operation itself).
+A bearer token that starts with "kvs_" is a service key, checked by its
+SHA-256 digest against kvapi.app_authenticate. Anything else is an end-user
+JWT, verified here with PyJWT against the app's keys from kvapi.app_jwt_keys.
+A request without a token is anonymous. A token that fails any check is a
+401, never a downgrade to anonymous.
+
+Successful service-key checks and each app's token keys are cached per
+process for CACHE_SECONDS, so that a request normally costs one database
+call: the operation itself.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
+import jwt
 import psycopg
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from kvapi import statements
 from kvapi.errors import KvError
 
 SERVICE_KEY_PREFIX = "kvs_"
-# NOTE: a deleted service key keeps working on a server that has cached it
-# for up to this many seconds.
+# NOTE: a deleted service key or token key keeps working on a server that
+# has cached it for up to this many seconds.
 CACHE_SECONDS = 30.0
 CACHE_MAX_ENTRIES = 10_000
+CLOCK_LEEWAY_SECONDS = 60
+DEFAULT_ROLE = "authenticated"
+ASYMMETRIC_ALGORITHMS = ("RS256", "ES256")
 
 
 @dataclass(frozen=True)
 class Credentials:
-    """What the request presented: a service key digest, or nothing (anonymous)."""
+    """What a request presented: a service key digest, an end-user token, or
+    nothing (anonymous)."""
 
-    key_hash: bytes | None
+    key_hash: bytes | None = None
+    token: str | None = None
 
     @property
-    def anonymous(self) -> bool:
-        return self.key_hash is None
+    def is_service(self) -> bool:
+        return self.key_hash is not None
+
+    @property
+    def is_anonymous(self) -> bool:
+        return self.key_hash is None and self.token is None
 
 
 def new_service_key() -> str:
@@ -47,32 +66,121 @@ def parse_authorization(header: str | None) -> Credentials:
     """Parse an Authorization header; raise KV_UNAUTHORIZED when it is
     present but not a bearer token."""
     if header is None:
-        return Credentials(None)
+        return Credentials()
     scheme, _, token = header.strip().partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
-        raise KvError(
-            "KV_UNAUTHORIZED",
-            "invalid Authorization header: expected 'Bearer <service key>'",
-        )
-    return Credentials(hash_service_key(token))
+        raise KvError("KV_UNAUTHORIZED", "invalid Authorization header: expected 'Bearer <service key or token>'")
+    if token.startswith(SERVICE_KEY_PREFIX):
+        return Credentials(key_hash=hash_service_key(token))
+    return Credentials(token=token)
 
 
-class ServiceKeyCache:
-    """Per-process cache of (app id, key digest) pairs that authenticated."""
+def _unauthorized(reason: str) -> KvError:
+    return KvError("KV_UNAUTHORIZED", f"invalid token: {reason}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_claims(claims: dict[str, Any], app_id: str) -> dict[str, str]:
+    """Check the claims PyJWT does not check strictly enough and return the
+    requester ({"id", "role"}) for the SQL functions."""
+    if not _is_number(claims.get("exp")):
+        raise _unauthorized("exp must be a number")
+    for name in ("nbf", "iat"):
+        if name in claims and not _is_number(claims[name]):
+            raise _unauthorized(f"{name} must be a number")
+    subject = claims.get("sub")
+    if not isinstance(subject, str) or subject == "":
+        raise _unauthorized("sub must be a non-empty string")
+    role = claims.get("role", DEFAULT_ROLE)
+    if not isinstance(role, str):
+        raise _unauthorized("role must be a string")
+    if "aud" in claims:
+        audience = claims["aud"]
+        audiences = [audience] if isinstance(audience, str) else audience
+        if not isinstance(audiences, list) or app_id not in audiences:
+            raise _unauthorized(f"aud does not name app {app_id!r}")
+    return {"id": subject, "role": role}
+
+
+@dataclass(frozen=True)
+class VerificationKey:
+    algorithm: str
+    key: Any
+
+
+def _load_keys(raw: bytes) -> list[VerificationKey]:
+    keys = []
+    for entry in json.loads(raw):
+        if entry["algorithm"] in ASYMMETRIC_ALGORITHMS:
+            keys.append(VerificationKey(entry["algorithm"], load_pem_public_key(entry["key"].encode())))
+        else:
+            keys.append(VerificationKey(entry["algorithm"], entry["key"]))
+    return keys
+
+
+def verify_token(token: str, app_id: str, keys: list[VerificationKey]) -> dict[str, str]:
+    """Verify an end-user JWT for app_id and return the requester. Each key
+    accepts only its own algorithm, so an HS256 token signed with a public
+    key, or an alg "none" token, never verifies."""
+    try:
+        algorithm = jwt.get_unverified_header(token).get("alg")
+    except jwt.PyJWTError as error:
+        raise _unauthorized(f"malformed token ({error})") from None
+    candidates = [key for key in keys if key.algorithm == algorithm]
+    if not candidates:
+        raise _unauthorized(f"algorithm {algorithm!r} is not accepted for app {app_id!r}")
+
+    for candidate in candidates:
+        try:
+            claims = jwt.decode(
+                token,
+                candidate.key,
+                algorithms=[candidate.algorithm],
+                leeway=CLOCK_LEEWAY_SECONDS,
+                options={"require": ["exp"], "verify_aud": False},
+            )
+        except jwt.InvalidSignatureError:
+            continue
+        except jwt.PyJWTError as error:
+            raise _unauthorized(str(error)) from None
+        return check_claims(claims, app_id)
+    raise _unauthorized("signature verification failed")
+
+
+class CredentialCache:
+    """Per-process cache of authenticated service keys and of each app's
+    token verification keys."""
 
     def __init__(self) -> None:
-        self._valid_until: dict[tuple[str, bytes], float] = {}
+        self._service_keys: dict[tuple[str, bytes], float] = {}
+        self._token_keys: dict[str, tuple[float, list[VerificationKey]]] = {}
 
-    async def authenticate(self, connection: psycopg.AsyncConnection, app_id: str, key_hash: bytes) -> None:
+    async def authenticate_service_key(self, connection: psycopg.AsyncConnection, app_id: str, key_hash: bytes) -> None:
         """Return when key_hash is a service key of app_id; raise
         KV_APP_NOT_FOUND or KV_UNAUTHORIZED (via the SQL function) otherwise."""
         cache_key = (app_id, key_hash)
         now = time.monotonic()
-        valid_until = self._valid_until.get(cache_key)
+        valid_until = self._service_keys.get(cache_key)
         if valid_until is not None and valid_until > now:
             return
         await connection.execute(statements.AUTHENTICATE, {"app_id": app_id, "key_hash": key_hash})
-        if len(self._valid_until) >= CACHE_MAX_ENTRIES:
-            self._valid_until.clear()
-        self._valid_until[cache_key] = now + CACHE_SECONDS
+        if len(self._service_keys) >= CACHE_MAX_ENTRIES:
+            self._service_keys.clear()
+        self._service_keys[cache_key] = now + CACHE_SECONDS
+
+    async def requester_for_token(self, connection: psycopg.AsyncConnection, app_id: str, token: str) -> dict[str, str]:
+        """Verify an end-user token of app_id and return its requester."""
+        now = time.monotonic()
+        cached = self._token_keys.get(app_id)
+        if cached is None or cached[0] <= now:
+            cursor = await connection.execute(statements.JWT_KEYS, {"app_id": app_id})
+            (raw,) = await cursor.fetchone()
+            if len(self._token_keys) >= CACHE_MAX_ENTRIES:
+                self._token_keys.clear()
+            cached = (now + CACHE_SECONDS, _load_keys(raw))
+            self._token_keys[app_id] = cached
+        return verify_token(token, app_id, cached[1])

@@ -81,6 +81,22 @@ class MsetOp(msgspec.Struct, tag_field="op", tag="mset", forbid_unknown_fields=T
 
 BatchOp = Union[MgetOp, MsetOp]
 
+class ExposeBody(msgspec.Struct, forbid_unknown_fields=True):
+    pattern: str
+    read: str
+    write: str
+
+
+class ExplainUser(msgspec.Struct, forbid_unknown_fields=True):
+    id: str
+    role: str = "authenticated"
+
+
+class ExplainBody(msgspec.Struct, forbid_unknown_fields=True):
+    key: str
+    user: ExplainUser | None = None
+
+
 _decoders: dict[object, msgspec.json.Decoder] = {}
 
 INT64_MIN = -(2**63)

@@ -7,6 +7,7 @@ as bytes with msgspec, copying stored JSON values through unparsed.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -16,12 +17,14 @@ from litestar import Request, Response, delete, get, head, post, put
 
 from kvapi import statements
 from kvapi.api import bodies
-from kvapi.api.auth import ServiceKeyCache, parse_authorization
+from kvapi.api.auth import CredentialCache, parse_authorization
 from kvapi.api.keypath import APP_ID_SCOPE, KEY_ERROR_SCOPE, KEY_SCOPE
 from kvapi.database import translate_error
 from kvapi.errors import KvError
 
 JSON = "application/json"
+# p_requester of an anonymous request; see kvapi_data.check_access.
+ANONYMOUS = "{}"
 _encode = msgspec.json.encode
 _TOUCH_SECONDS = re.compile(r"[0-9]{1,20}")
 _LIMIT = re.compile(r"[0-9]{1,9}")
@@ -81,31 +84,34 @@ def key_from_scope(request: Request) -> tuple[str, str]:
 async def run(request: Request, app_id: str, statement: str, params: dict[str, Any], *, service_only: bool = False) -> tuple[Any, ...] | None:
     """Authenticate the request for app_id, run one statement, and return its row.
 
-    Database errors become KvErrors by their SQLSTATE; connection failures
-    and pool timeouts propagate to the app's 503 handler."""
+    Service keys run the statement as a trusted caller; end users and
+    anonymous requests pass their identity as p_requester, so the SQL
+    function checks the access rules in the same call. Database errors
+    become KvErrors by their SQLSTATE; connection failures and pool
+    timeouts propagate to the app's 503 handler."""
     credentials = parse_authorization(request.headers.get("authorization"))
-    cache: ServiceKeyCache = request.app.state.service_keys
+    cache: CredentialCache = request.app.state.credentials
     params["app_id"] = app_id
     async with request.app.state.pool.connection() as connection:
         try:
-            if credentials.anonymous:
-                # Any unknown app is a 404 first, whoever asks.
+            if credentials.is_service:
+                await cache.authenticate_service_key(connection, app_id, credentials.key_hash)
+                params["requester"] = None
+            elif service_only:
+                # Raises KV_APP_NOT_FOUND for an unknown app, else KV_UNAUTHORIZED.
                 await connection.execute(statements.AUTHENTICATE, {"app_id": app_id, "key_hash": None})
+            elif credentials.token is not None:
+                params["requester"] = json.dumps(await cache.requester_for_token(connection, app_id, credentials.token))
             else:
-                await cache.authenticate(connection, app_id, credentials.key_hash)
+                params["requester"] = ANONYMOUS
             cursor = await connection.execute(statement, params)
             return await cursor.fetchone()
         except psycopg.Error as error:
             translated = translate_error(error)
             if translated is None:
                 raise
-            if credentials.anonymous and translated.code == "KV_UNAUTHORIZED":
-                if service_only:
-                    raise KvError("KV_UNAUTHORIZED", "this route needs a service key: send Authorization: Bearer <service key>") from None
-                raise KvError(
-                    "KV_FORBIDDEN",
-                    f"no access rule of app {app_id!r} allows anonymous requests here; send a service key",
-                ) from None
+            if service_only and translated.code == "KV_UNAUTHORIZED" and not credentials.is_service:
+                raise KvError("KV_UNAUTHORIZED", "this route needs a service key: send Authorization: Bearer <service key>") from None
             raise translated from None
 
 
@@ -242,6 +248,36 @@ async def list_keys(request: Request, app_id: str, prefix: str | None = None, cu
     return Response(content=page, media_type=JSON)
 
 
+@get("/v1/{app_id:str}/kv-rules", summary="List access rules (service key only)")
+async def list_rules(request: Request, app_id: str) -> Response:
+    (rules,) = await run(request, app_id, statements.LIST_RULES, {}, service_only=True)
+    return Response(content=b'{"rules":' + rules + b"}", media_type=JSON)
+
+
+@put("/v1/{app_id:str}/kv-rules", summary="Expose keys matching a pattern to end users (service key only)", status_code=200)
+async def expose(request: Request, app_id: str) -> Response:
+    rule = bodies.decode(await request.body(), bodies.ExposeBody, '{"pattern": ..., "read": ..., "write": ...}')
+    params = {"pattern": rule.pattern, "read": rule.read, "write": rule.write}
+    await run(request, app_id, statements.EXPOSE, params, service_only=True)
+    return json_response({"pattern": rule.pattern, "read": rule.read, "write": rule.write})
+
+
+@delete("/v1/{app_id:str}/kv-rules", summary="Remove the rule of a pattern (service key only)", status_code=200)
+async def unexpose(request: Request, app_id: str, pattern: str | None = None) -> Response:
+    if not pattern:
+        raise KvError("KV_INVALID_REQUEST", "missing pattern: send DELETE /v1/{app_id}/kv-rules?pattern=...")
+    (removed,) = await run(request, app_id, statements.UNEXPOSE, {"pattern": pattern}, service_only=True)
+    return json_response({"removed": removed})
+
+
+@post("/v1/{app_id:str}/kv-rules/explain", summary="Explain which rule decides for a key and a user (service key only)", status_code=200)
+async def explain(request: Request, app_id: str) -> Response:
+    body = bodies.decode(await request.body(), bodies.ExplainBody, '{"key": ..., "user": {"id": ..., "role"?: ...} or null}')
+    user = {} if body.user is None else {"id": body.user.id, "role": body.user.role}
+    (result,) = await run(request, app_id, statements.EXPLAIN, {"key": body.key, "user": json.dumps(user)}, service_only=True)
+    return Response(content=result, media_type=JSON)
+
+
 @get("/health", summary="Check that the server can reach its database")
 async def health(request: Request) -> Response:
     async with request.app.state.pool.connection() as connection:
@@ -249,4 +285,4 @@ async def health(request: Request) -> Response:
     return json_response({"status": "ok"})
 
 
-ROUTES = [get_key, head_key, put_key, delete_key, post_key, post_batch, list_keys, health]
+ROUTES = [get_key, head_key, put_key, delete_key, post_key, post_batch, list_keys, list_rules, expose, unexpose, explain, health]
