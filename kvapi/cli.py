@@ -135,6 +135,61 @@ def command_apps_grant_role(args: argparse.Namespace) -> int:
     return status
 
 
+def _print_json_result(args: argparse.Namespace, statement: str, params: dict) -> int:
+    """Run a statement that returns one jsonb value and print it."""
+    with psycopg.connect(_database_url(args), autocommit=True) as connection:
+        try:
+            (result,) = connection.execute(statement, params).fetchone()
+        except psycopg.Error as error:
+            translated = translate_error(error)
+            if translated is None:
+                raise
+            print(f"kvapi: {translated.message}", file=sys.stderr)
+            return 1
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def command_apps_usage(args: argparse.Namespace) -> int:
+    return _print_json_result(args, statements.USAGE, {"app_id": args.app})
+
+
+def command_apps_set_plan(args: argparse.Namespace) -> int:
+    status = _run_app_statement(args, statements.SET_PLAN, {"app_id": args.app, "plan_id": args.plan})
+    if status == 0:
+        logger.info("app plan changed", extra={"event": "apps.set_plan", "app_id": args.app, "plan_id": args.plan})
+    return status
+
+
+def command_plans_list(args: argparse.Namespace) -> int:
+    return _print_json_result(args, statements.PLAN_LIST, {})
+
+
+def command_plans_set(args: argparse.Namespace) -> int:
+    params = {
+        "plan_id": args.name,
+        "max_value_bytes": args.max_value_bytes,
+        "default_ttl_seconds": args.default_ttl,
+        "max_keys": args.max_keys,
+        "max_total_bytes": args.max_total_bytes,
+        "ops_per_second": args.ops_per_second,
+    }
+    status = _run_app_statement(args, statements.PLAN_SET, params)
+    if status == 0:
+        logger.info("plan saved", extra={"event": "plans.set", "plan_id": args.name})
+    return status
+
+
+def _limit(text: str) -> int | None:
+    """Parse a plan limit: a positive integer, or "none" for no limit."""
+    if text.lower() == "none":
+        return None
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid limit {text!r}: expected a positive integer or none")
+    return value
+
+
 def command_purge(args: argparse.Namespace) -> int:
     deleted = purge.purge_once(_database_url(args), args.batch_size)
     logger.info("purge finished", extra={"event": "purge.once", "deleted": deleted})
@@ -183,6 +238,30 @@ def build_parser() -> argparse.ArgumentParser:
     grant_role.add_argument("app", help="app id")
     grant_role.add_argument("role", help="database role name")
     grant_role.set_defaults(handler=command_apps_grant_role)
+
+    usage = app_commands.add_parser("usage", help="print the app's live keys and bytes and its plan's limits as JSON")
+    usage.add_argument("app", help="app id")
+    usage.set_defaults(handler=command_apps_usage)
+    set_plan = app_commands.add_parser("set-plan", help="move an app to another plan (running servers apply it at once)")
+    set_plan.add_argument("app", help="app id")
+    set_plan.add_argument("plan", help="plan id")
+    set_plan.set_defaults(handler=command_apps_set_plan)
+
+    plans = commands.add_parser("plans", help="manage plans (limits per app)")
+    plan_commands = plans.add_subparsers(dest="plans_command", required=True)
+    plans_list = plan_commands.add_parser("list", help="print every plan as JSON")
+    plans_list.set_defaults(handler=command_plans_list)
+    plans_set = plan_commands.add_parser(
+        "set", help="create or replace a plan; every limit not given is none (no limit)"
+    )
+    plans_set.add_argument("name", help="plan id: 1 to 64 characters of A-Z, a-z, 0-9, _ and -")
+    plans_set.add_argument("--max-value-bytes", type=int, required=True, help="maximum size of one value's JSON text, in bytes")
+    plans_set.add_argument("--default-ttl", type=_limit, default=30 * 86400,
+                           help="TTL in seconds of keys written without one, or none (default: 2592000, 30 days)")
+    plans_set.add_argument("--max-keys", type=_limit, default=None, help="maximum live keys, or none")
+    plans_set.add_argument("--max-total-bytes", type=_limit, default=None, help="maximum bytes of keys and values, or none")
+    plans_set.add_argument("--ops-per-second", type=_limit, default=None, help="maximum operations per second, or none")
+    plans_set.set_defaults(handler=command_plans_set)
 
     purge_parser = commands.add_parser("purge", help="delete expired keys now, in batches")
     purge_parser.add_argument("--batch-size", type=int, default=purge.BATCH_SIZE, help="rows per transaction (default: 1000)")

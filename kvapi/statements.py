@@ -74,11 +74,23 @@ LIST_RULES = "SELECT kvapi.kv_list_rules(%(app_id)s)"
 
 EXPLAIN = "SELECT kvapi.kv_explain(%(app_id)s, %(key)s, %(user)s::jsonb)"
 
+USAGE = "SELECT kvapi.kv_usage(%(app_id)s)"
+
 PURGE_BATCH = "SELECT kvapi.kv_purge_batch(%(batch_size)s)"
 
 ADD_JWT_KEY = "SELECT kvapi.app_add_jwt_key(%(app_id)s, %(algorithm)s, %(public_key)s)"
 
 GRANT_ROLE = "SELECT kvapi.app_grant_role(%(app_id)s, %(role)s)"
+
+SET_PLAN = "SELECT kvapi.app_set_plan(%(app_id)s, %(plan_id)s)"
+
+PLAN_SET = """
+SELECT kvapi.plan_set(%(plan_id)s, %(max_value_bytes)s, p_default_ttl_seconds => %(default_ttl_seconds)s,
+    p_max_keys => %(max_keys)s, p_max_total_bytes => %(max_total_bytes)s,
+    p_ops_per_second => %(ops_per_second)s)
+"""
+
+PLAN_LIST = "SELECT kvapi.plan_list()"
 
 CREATE_APP = "SELECT kvapi.app_create(%(app_id)s, %(key_hash)s, %(jwt_secret)s)"
 

@@ -59,6 +59,9 @@ CREATE TABLE kvapi_data.entries (
     version    bigint NOT NULL,
     -- NULL means the key never expires.
     expires_at timestamptz,
+    -- Storage the row counts against the plan: octet_length(key) +
+    -- octet_length(value::text).
+    size_bytes integer NOT NULL,
     PRIMARY KEY (app_id, key)
 ) PARTITION BY HASH (app_id);
 
@@ -72,6 +75,7 @@ CREATE TABLE kvapi_data.ephemeral_entries (
     value      jsonb NOT NULL,
     version    bigint NOT NULL,
     expires_at timestamptz,
+    size_bytes integer NOT NULL,
     PRIMARY KEY (app_id, key)
 ) PARTITION BY HASH (app_id);
 
@@ -97,3 +101,43 @@ CREATE INDEX entries_expires_at_idx
     ON kvapi_data.entries (expires_at) WHERE expires_at IS NOT NULL;
 CREATE INDEX ephemeral_entries_expires_at_idx
     ON kvapi_data.ephemeral_entries (expires_at) WHERE expires_at IS NOT NULL;
+
+-- Usage of each app finds its expired-but-unpurged rows here, to subtract
+-- them: expired keys never count against a limit.
+CREATE INDEX entries_app_expires_at_idx
+    ON kvapi_data.entries (app_id, expires_at) INCLUDE (size_bytes) WHERE expires_at IS NOT NULL;
+CREATE INDEX ephemeral_entries_app_expires_at_idx
+    ON kvapi_data.ephemeral_entries (app_id, expires_at) INCLUDE (size_bytes) WHERE expires_at IS NOT NULL;
+
+-- Rows and bytes stored per app, including expired rows the purge has not
+-- removed yet. Each database session adds its changes to its own shard
+-- (pg_backend_pid() modulo the shard count), so concurrent writers of one
+-- app never wait on one counter row; a reader sums the shards. Counters of
+-- the ephemeral tier are UNLOGGED, so a crash empties them together with
+-- the rows they count.
+CREATE TABLE kvapi_data.usage_counters (
+    app_id text NOT NULL,
+    shard  smallint NOT NULL,
+    keys   bigint NOT NULL,
+    bytes  bigint NOT NULL,
+    PRIMARY KEY (app_id, shard)
+);
+
+CREATE UNLOGGED TABLE kvapi_data.ephemeral_usage_counters (
+    app_id text NOT NULL,
+    shard  smallint NOT NULL,
+    keys   bigint NOT NULL,
+    bytes  bigint NOT NULL,
+    PRIMARY KEY (app_id, shard)
+);
+
+-- Requests per app and second, sharded like the usage counters, for the
+-- sliding-window rate limit. Losing them in a crash only forgets at most
+-- two seconds of history, so they are UNLOGGED.
+CREATE UNLOGGED TABLE kvapi_data.rate_windows (
+    app_id       text NOT NULL,
+    window_start bigint NOT NULL,
+    shard        smallint NOT NULL,
+    requests     integer NOT NULL,
+    PRIMARY KEY (app_id, window_start, shard)
+);

@@ -1,4 +1,4 @@
--- Internal helpers shared by the public functions in 03_operations.sql.
+-- Internal helpers shared by the public functions in 04_operations.sql.
 --
 -- Error codes are SQLSTATEs of class KV; kvapi/errors.py maps each one to
 -- its API code and HTTP status:
@@ -132,28 +132,35 @@ END;
 
 -- The live (unexpired) row of a key from either tier, or no row.
 CREATE FUNCTION kvapi_data.find_live(p_app_id text, p_key text, p_now timestamptz,
-    OUT value jsonb, OUT version bigint, OUT expires_at timestamptz, OUT ephemeral boolean)
+    OUT value jsonb, OUT version bigint, OUT expires_at timestamptz, OUT ephemeral boolean,
+    OUT size_bytes integer)
 RETURNS SETOF record
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT d.value, d.version, d.expires_at, false
+    SELECT d.value, d.version, d.expires_at, false, d.size_bytes
     FROM kvapi_data.entries d
     WHERE d.app_id = p_app_id AND d.key = p_key
       AND (d.expires_at IS NULL OR d.expires_at > p_now)
     UNION ALL
-    SELECT e.value, e.version, e.expires_at, true
+    SELECT e.value, e.version, e.expires_at, true, e.size_bytes
     FROM kvapi_data.ephemeral_entries e
     WHERE e.app_id = p_app_id AND e.key = p_key
       AND (e.expires_at IS NULL OR e.expires_at > p_now)
     LIMIT 1
 $$;
 
+-- Storage a key and value count against the plan.
+CREATE FUNCTION kvapi_data.entry_size(p_key text, p_value jsonb) RETURNS integer
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+RETURN octet_length(p_key) + octet_length(p_value::text);
+
 -- Write a key into one tier with a new version and return that version.
 -- p_live_ephemeral is the tier of the key's live row (NULL when absent):
 -- a live row in the other tier is deleted, so the key moves. An expired row
 -- left in the other tier is invisible and the purge removes it.
--- The caller must hold lock_key for the key.
+-- The caller must hold lock_key for the key and has checked the quota.
 CREATE FUNCTION kvapi_data.write_entry(p_app_id text, p_key text, p_value jsonb,
     p_expires_at timestamptz, p_ephemeral boolean, p_live_ephemeral boolean)
 RETURNS bigint
@@ -162,22 +169,39 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_version bigint := nextval('kvapi_data.version_seq');
+    v_size integer := kvapi_data.entry_size(p_key, p_value);
+    v_old_size integer;
+    v_existed boolean;
 BEGIN
     IF p_live_ephemeral IS DISTINCT FROM p_ephemeral AND p_live_ephemeral IS NOT NULL THEN
         PERFORM kvapi_data.delete_entry(p_app_id, p_key, p_live_ephemeral);
     END IF;
 
+    -- The row in the target tier may exist even when the key is absent
+    -- (expired, not yet purged); the usage counters count rows, so they
+    -- need its size. FOR UPDATE keeps the purge (SKIP LOCKED) away from it.
     IF p_ephemeral THEN
-        INSERT INTO kvapi_data.ephemeral_entries AS t (app_id, key, value, version, expires_at)
-        VALUES (p_app_id, p_key, p_value, v_version, p_expires_at)
+        SELECT t.size_bytes INTO v_old_size FROM kvapi_data.ephemeral_entries t
+        WHERE t.app_id = p_app_id AND t.key = p_key FOR UPDATE;
+        v_existed := FOUND;
+        INSERT INTO kvapi_data.ephemeral_entries AS t (app_id, key, value, version, expires_at, size_bytes)
+        VALUES (p_app_id, p_key, p_value, v_version, p_expires_at, v_size)
         ON CONFLICT (app_id, key) DO UPDATE
-        SET value = excluded.value, version = excluded.version, expires_at = excluded.expires_at;
+        SET value = excluded.value, version = excluded.version, expires_at = excluded.expires_at,
+            size_bytes = excluded.size_bytes;
     ELSE
-        INSERT INTO kvapi_data.entries AS t (app_id, key, value, version, expires_at)
-        VALUES (p_app_id, p_key, p_value, v_version, p_expires_at)
+        SELECT t.size_bytes INTO v_old_size FROM kvapi_data.entries t
+        WHERE t.app_id = p_app_id AND t.key = p_key FOR UPDATE;
+        v_existed := FOUND;
+        INSERT INTO kvapi_data.entries AS t (app_id, key, value, version, expires_at, size_bytes)
+        VALUES (p_app_id, p_key, p_value, v_version, p_expires_at, v_size)
         ON CONFLICT (app_id, key) DO UPDATE
-        SET value = excluded.value, version = excluded.version, expires_at = excluded.expires_at;
+        SET value = excluded.value, version = excluded.version, expires_at = excluded.expires_at,
+            size_bytes = excluded.size_bytes;
     END IF;
+
+    PERFORM kvapi_data.add_usage(p_app_id, p_ephemeral, CASE WHEN v_existed THEN 0 ELSE 1 END,
+                                 v_size - coalesce(v_old_size, 0));
     RETURN v_version;
 END
 $$;
@@ -189,13 +213,21 @@ RETURNS boolean
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
+DECLARE
+    v_size integer;
 BEGIN
     IF p_ephemeral THEN
-        DELETE FROM kvapi_data.ephemeral_entries t WHERE t.app_id = p_app_id AND t.key = p_key;
+        DELETE FROM kvapi_data.ephemeral_entries t WHERE t.app_id = p_app_id AND t.key = p_key
+        RETURNING t.size_bytes INTO v_size;
     ELSE
-        DELETE FROM kvapi_data.entries t WHERE t.app_id = p_app_id AND t.key = p_key;
+        DELETE FROM kvapi_data.entries t WHERE t.app_id = p_app_id AND t.key = p_key
+        RETURNING t.size_bytes INTO v_size;
     END IF;
-    RETURN FOUND;
+    IF v_size IS NULL THEN
+        RETURN false;
+    END IF;
+    PERFORM kvapi_data.add_usage(p_app_id, p_ephemeral, -1, -v_size);
+    RETURN true;
 END
 $$;
 

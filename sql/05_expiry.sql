@@ -11,6 +11,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_now timestamptz := clock_timestamp();
+    v_shard smallint := pg_backend_pid() % 32;
     v_durable integer;
     v_ephemeral integer;
 BEGIN
@@ -19,16 +20,26 @@ BEGIN
             MESSAGE = format('invalid batch size %s: expected a positive integer', coalesce(p_batch_size::text, 'NULL'));
     END IF;
 
+    -- Deleted rows leave the usage counters in the same statement, added to
+    -- this session's shard of each app.
     WITH doomed AS (
         SELECT d.app_id, d.key FROM kvapi_data.entries d
         WHERE d.expires_at <= v_now
         ORDER BY d.expires_at
         LIMIT p_batch_size
         FOR UPDATE SKIP LOCKED
+    ), deleted AS (
+        DELETE FROM kvapi_data.entries t USING doomed
+        WHERE t.app_id = doomed.app_id AND t.key = doomed.key AND t.expires_at <= v_now
+        RETURNING t.app_id, t.size_bytes
+    ), per_app AS (
+        SELECT deleted.app_id, count(*) AS keys, sum(deleted.size_bytes) AS bytes FROM deleted GROUP BY deleted.app_id
+    ), counted AS (
+        INSERT INTO kvapi_data.usage_counters AS c (app_id, shard, keys, bytes)
+        SELECT per_app.app_id, v_shard, -per_app.keys, -per_app.bytes FROM per_app
+        ON CONFLICT (app_id, shard) DO UPDATE SET keys = c.keys + excluded.keys, bytes = c.bytes + excluded.bytes
     )
-    DELETE FROM kvapi_data.entries t USING doomed
-    WHERE t.app_id = doomed.app_id AND t.key = doomed.key AND t.expires_at <= v_now;
-    GET DIAGNOSTICS v_durable = ROW_COUNT;
+    SELECT coalesce(sum(per_app.keys), 0) INTO v_durable FROM per_app;
 
     WITH doomed AS (
         SELECT e.app_id, e.key FROM kvapi_data.ephemeral_entries e
@@ -36,10 +47,21 @@ BEGIN
         ORDER BY e.expires_at
         LIMIT p_batch_size
         FOR UPDATE SKIP LOCKED
+    ), deleted AS (
+        DELETE FROM kvapi_data.ephemeral_entries t USING doomed
+        WHERE t.app_id = doomed.app_id AND t.key = doomed.key AND t.expires_at <= v_now
+        RETURNING t.app_id, t.size_bytes
+    ), per_app AS (
+        SELECT deleted.app_id, count(*) AS keys, sum(deleted.size_bytes) AS bytes FROM deleted GROUP BY deleted.app_id
+    ), counted AS (
+        INSERT INTO kvapi_data.ephemeral_usage_counters AS c (app_id, shard, keys, bytes)
+        SELECT per_app.app_id, v_shard, -per_app.keys, -per_app.bytes FROM per_app
+        ON CONFLICT (app_id, shard) DO UPDATE SET keys = c.keys + excluded.keys, bytes = c.bytes + excluded.bytes
     )
-    DELETE FROM kvapi_data.ephemeral_entries t USING doomed
-    WHERE t.app_id = doomed.app_id AND t.key = doomed.key AND t.expires_at <= v_now;
-    GET DIAGNOSTICS v_ephemeral = ROW_COUNT;
+    SELECT coalesce(sum(per_app.keys), 0) INTO v_ephemeral FROM per_app;
+
+    -- Rate windows older than the previous second are never read again.
+    DELETE FROM kvapi_data.rate_windows w WHERE w.window_start < floor(extract(epoch FROM v_now)) - 2;
 
     RETURN v_durable + v_ephemeral;
 END

@@ -278,6 +278,12 @@ async def explain(request: Request, app_id: str) -> Response:
     return Response(content=result, media_type=JSON)
 
 
+@get("/v1/{app_id:str}/kv-usage", summary="Live keys and bytes of the app, and its plan's limits (service key only)")
+async def usage(request: Request, app_id: str) -> Response:
+    (result,) = await run(request, app_id, statements.USAGE, {}, service_only=True)
+    return Response(content=result, media_type=JSON)
+
+
 @get("/health", summary="Check that the server can reach its database")
 async def health(request: Request) -> Response:
     async with request.app.state.pool.connection() as connection:
@@ -285,4 +291,4 @@ async def health(request: Request) -> Response:
     return json_response({"status": "ok"})
 
 
-ROUTES = [get_key, head_key, put_key, delete_key, post_key, post_batch, list_keys, list_rules, expose, unexpose, explain, health]
+ROUTES = [get_key, head_key, put_key, delete_key, post_key, post_batch, list_keys, list_rules, expose, unexpose, explain, usage, health]

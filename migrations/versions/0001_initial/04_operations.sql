@@ -5,6 +5,13 @@
 -- Common contract:
 -- * p_app_id names the tenant; an unknown app raises KVAPP.
 -- * Keys are 1 to 1024 UTF-8 bytes, or KVINV is raised.
+-- * p_requester is NULL for trusted callers (service keys, bound database
+--   roles), '{}' for anonymous end users and {"id", "role"?} for signed-in
+--   ones; KVFOR is raised unless a rule allows the request, and also when
+--   the database role may not touch the app (see 07_access.sql).
+-- * Every call counts against the plan's operations per second and raises
+--   KVRAT, changing nothing, when over it. Writes that would grow usage
+--   past the plan raise KVKEY or KVFUL; deletes, expire and reads never do.
 -- * An expired key is absent for every operation, whether or not the purge
 --   has removed its row yet. Time is statement_timestamp().
 -- * TTL arguments are jsonb so that SQL NULL (argument omitted) and JSON
@@ -12,34 +19,68 @@
 -- * Versions are returned as text and are opaque to callers.
 -- * Writers of a key serialise on kvapi_data.lock_key until the end of the
 --   transaction; reads take no locks.
--- * p_requester is NULL for trusted callers (service keys, bound database
---   roles), '{}' for anonymous end users and {"id", "role"?} for signed-in
---   ones; kvapi_data.check_access raises KVFOR unless a rule allows the
---   request. Every function also raises KVFOR when the database role is not
---   allowed to touch the app (see 06_access.sql).
 -- * The functions are SECURITY DEFINER so that roles bound to an app can
 --   call them without any privilege on the tables.
 
+-- Run the checks every operation on one key starts with, in this order:
+-- key, app, access for p_mode ('read' or 'write'), rate. Return the plan.
+CREATE FUNCTION kvapi_data.begin_operation(p_app_id text, p_key text, p_requester jsonb, p_mode text)
+RETURNS kvapi_data.plans
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_plan kvapi_data.plans;
+BEGIN
+    PERFORM kvapi_data.check_key(p_key);
+    v_plan := kvapi_data.app_plan(p_app_id);
+    PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, p_mode);
+    PERFORM kvapi_data.check_rate(p_app_id, v_plan.ops_per_second);
+    RETURN v_plan;
+END
+$$;
+
+-- Raise KVVER unless the precondition of an If-Match header holds: the key
+-- is live and its version is in p_if_match, or p_if_match holds '*'.
+CREATE FUNCTION kvapi_data.check_if_match(p_key text, p_if_match text[], p_found boolean, p_version bigint)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_if_match IS NULL
+       OR (p_found AND (p_version::text = ANY (p_if_match) OR '*' = ANY (p_if_match))) THEN
+        RETURN;
+    END IF;
+    RAISE EXCEPTION USING ERRCODE = 'KVVER',
+        MESSAGE = format('version precondition failed for key %L: current version is %s',
+                         left(p_key, 64), CASE WHEN p_found THEN p_version::text ELSE 'none (key absent)' END),
+        HINT = 'Read the key again and retry with its current version.';
+END
+$$;
+
 -- Read a key. Without p_touch the row is only read. With p_touch true (the
 -- plan's default TTL) or a TTL in seconds, an expiring key gets that TTL
--- from now; a key without expiry keeps none. Touching does not change the
--- version. A missing key returns NULL in every column.
-CREATE FUNCTION kvapi.kv_get(p_app_id text, p_key text, p_touch jsonb DEFAULT NULL, p_requester jsonb DEFAULT NULL,
+-- from now; a key without expiry keeps none. Touching changes the expiry,
+-- so it needs write access too, but it keeps the version. A missing key
+-- returns NULL in every column.
+CREATE FUNCTION kvapi.kv_get(p_app_id text, p_key text, p_touch jsonb DEFAULT NULL,
+    p_requester jsonb DEFAULT NULL,
     OUT value jsonb, OUT version text, OUT ttl bigint)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_now timestamptz := statement_timestamp();
+    v_plan kvapi_data.plans;
     v_row record;
     v_seconds bigint;
 BEGIN
-    PERFORM kvapi_data.check_key(p_key);
-    PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'read');
+    v_plan := kvapi_data.begin_operation(p_app_id, p_key, p_requester, 'read');
 
     IF p_touch IS NOT NULL THEN
         IF jsonb_typeof(p_touch) = 'boolean' AND p_touch = 'true' THEN
-            v_seconds := (kvapi_data.app_plan(p_app_id)).default_ttl_seconds;
+            v_seconds := v_plan.default_ttl_seconds;
         ELSE
             v_seconds := kvapi_data.ttl_seconds(p_touch, 'touch');
             IF v_seconds IS NULL THEN
@@ -48,14 +89,12 @@ BEGIN
                     HINT = 'Send touch=true for the default TTL or touch=N for N seconds.';
             END IF;
         END IF;
-        -- Touching changes the expiry, so it needs write access as well.
         PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'write');
         PERFORM kvapi_data.lock_key(p_app_id, p_key);
     END IF;
 
     SELECT * INTO v_row FROM kvapi_data.find_live(p_app_id, p_key, v_now);
     IF NOT FOUND THEN
-        PERFORM kvapi_data.app_plan(p_app_id);
         RETURN;
     END IF;
 
@@ -97,11 +136,11 @@ DECLARE
     v_now timestamptz := statement_timestamp();
     v_plan kvapi_data.plans;
     v_row record;
+    v_found boolean;
     v_expires_at timestamptz;
+    v_size integer;
 BEGIN
-    PERFORM kvapi_data.check_key(p_key);
-    PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'write');
-    v_plan := kvapi_data.app_plan(p_app_id);
+    v_plan := kvapi_data.begin_operation(p_app_id, p_key, p_requester, 'write');
     PERFORM kvapi_data.check_value(p_value, p_key, v_plan);
     IF p_keep_ttl AND p_ttl IS NOT NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'KVINV',
@@ -122,24 +161,21 @@ BEGIN
 
     PERFORM kvapi_data.lock_key(p_app_id, p_key);
     SELECT * INTO v_row FROM kvapi_data.find_live(p_app_id, p_key, v_now);
+    v_found := FOUND;
 
-    IF p_if_match IS NOT NULL
-       AND NOT (FOUND AND (v_row.version::text = ANY (p_if_match) OR '*' = ANY (p_if_match))) THEN
-        RAISE EXCEPTION USING ERRCODE = 'KVVER',
-            MESSAGE = format('version precondition failed for key %L: current version is %s',
-                             left(p_key, 64), coalesce(v_row.version::text, 'none (key absent)')),
-            HINT = 'Read the key again and retry with its current version.';
-    END IF;
-    IF p_if_absent AND FOUND THEN
+    PERFORM kvapi_data.check_if_match(p_key, p_if_match, v_found, v_row.version);
+    IF p_if_absent AND v_found THEN
         RAISE EXCEPTION USING ERRCODE = 'KVVER',
             MESSAGE = format('key %L already exists', left(p_key, 64)),
             HINT = 'Drop If-None-Match: * to overwrite the key.';
     END IF;
-
-    IF p_keep_ttl AND FOUND THEN
+    IF p_keep_ttl AND v_found THEN
         v_expires_at := v_row.expires_at;
     END IF;
 
+    v_size := kvapi_data.entry_size(p_key, p_value);
+    PERFORM kvapi_data.check_quota(v_plan, p_app_id, v_now, CASE WHEN v_found THEN 0 ELSE 1 END,
+                                   v_size - coalesce(v_row.size_bytes, 0));
     version := kvapi_data.write_entry(p_app_id, p_key, p_value, v_expires_at,
                                       p_ephemeral, v_row.ephemeral)::text;
     ttl := kvapi_data.ttl_remaining(v_expires_at, v_now);
@@ -178,9 +214,7 @@ DECLARE
     v_plan kvapi_data.plans;
     v_seconds bigint;
 BEGIN
-    PERFORM kvapi_data.check_key(p_key);
-    PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'write');
-    v_plan := kvapi_data.app_plan(p_app_id);
+    v_plan := kvapi_data.begin_operation(p_app_id, p_key, p_requester, 'write');
     PERFORM kvapi_data.check_value(p_value, p_key, v_plan);
     IF p_ttl IS NULL THEN
         v_seconds := v_plan.default_ttl_seconds;
@@ -193,6 +227,7 @@ BEGIN
     IF FOUND THEN
         RETURN false;
     END IF;
+    PERFORM kvapi_data.check_quota(v_plan, p_app_id, v_now, 1, kvapi_data.entry_size(p_key, p_value));
     PERFORM kvapi_data.write_entry(p_app_id, p_key, p_value,
                                    kvapi_data.expiry_after(v_now, v_seconds), p_ephemeral, NULL);
     RETURN true;
@@ -215,13 +250,12 @@ DECLARE
     v_now timestamptz := statement_timestamp();
     v_plan kvapi_data.plans;
     v_row record;
+    v_found boolean;
     v_expect_absent boolean := p_expected IS NULL OR jsonb_typeof(p_expected) = 'null';
     v_delete boolean := p_next IS NULL OR jsonb_typeof(p_next) = 'null';
     v_expires_at timestamptz;
 BEGIN
-    PERFORM kvapi_data.check_key(p_key);
-    PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'write');
-    v_plan := kvapi_data.app_plan(p_app_id);
+    v_plan := kvapi_data.begin_operation(p_app_id, p_key, p_requester, 'write');
     IF NOT v_delete THEN
         PERFORM kvapi_data.check_value(p_next, p_key, v_plan);
     END IF;
@@ -231,29 +265,32 @@ BEGIN
 
     PERFORM kvapi_data.lock_key(p_app_id, p_key);
     SELECT * INTO v_row FROM kvapi_data.find_live(p_app_id, p_key, v_now);
+    v_found := FOUND;
 
     IF v_expect_absent THEN
-        IF FOUND THEN
+        IF v_found THEN
             RETURN false;
         END IF;
-    ELSIF NOT FOUND OR v_row.value <> p_expected THEN
+    ELSIF NOT v_found OR v_row.value <> p_expected THEN
         RETURN false;
     END IF;
 
     IF v_delete THEN
-        IF FOUND THEN
+        IF v_found THEN
             PERFORM kvapi_data.delete_entry(p_app_id, p_key, v_row.ephemeral);
         END IF;
         RETURN true;
     END IF;
 
     IF p_ttl IS NULL THEN
-        IF FOUND THEN
+        IF v_found THEN
             v_expires_at := v_row.expires_at;
         ELSE
             v_expires_at := kvapi_data.expiry_after(v_now, v_plan.default_ttl_seconds);
         END IF;
     END IF;
+    PERFORM kvapi_data.check_quota(v_plan, p_app_id, v_now, CASE WHEN v_found THEN 0 ELSE 1 END,
+                                   kvapi_data.entry_size(p_key, p_next) - coalesce(v_row.size_bytes, 0));
     PERFORM kvapi_data.write_entry(p_app_id, p_key, p_next, v_expires_at,
                                    coalesce(v_row.ephemeral, false), v_row.ephemeral);
     RETURN true;
@@ -275,23 +312,23 @@ DECLARE
     v_now timestamptz := statement_timestamp();
     v_plan kvapi_data.plans;
     v_row record;
+    v_found boolean;
     v_text text;
     v_result numeric;
     v_expires_at timestamptz;
 BEGIN
-    PERFORM kvapi_data.check_key(p_key);
-    PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'write');
+    v_plan := kvapi_data.begin_operation(p_app_id, p_key, p_requester, 'write');
     IF p_by IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'KVINV',
             MESSAGE = format('invalid by NULL for key %L', left(p_key, 64)),
             HINT = 'Send by as a JSON integer, or omit it to add 1.';
     END IF;
-    v_plan := kvapi_data.app_plan(p_app_id);
 
     PERFORM kvapi_data.lock_key(p_app_id, p_key);
     SELECT * INTO v_row FROM kvapi_data.find_live(p_app_id, p_key, v_now);
+    v_found := FOUND;
 
-    IF FOUND THEN
+    IF v_found THEN
         v_text := v_row.value::text;
         IF jsonb_typeof(v_row.value) <> 'number' OR v_text !~ '^-?[0-9]+$' THEN
             RAISE EXCEPTION USING ERRCODE = 'KVNAC',
@@ -311,6 +348,8 @@ BEGIN
             HINT = 'Counters hold values from -9223372036854775808 to 9223372036854775807.';
     END IF;
 
+    PERFORM kvapi_data.check_quota(v_plan, p_app_id, v_now, CASE WHEN v_found THEN 0 ELSE 1 END,
+                                   kvapi_data.entry_size(p_key, to_jsonb(v_result)) - coalesce(v_row.size_bytes, 0));
     PERFORM kvapi_data.write_entry(p_app_id, p_key, to_jsonb(v_result), v_expires_at,
                                    coalesce(v_row.ephemeral, false), v_row.ephemeral);
     RETURN v_result::bigint;
@@ -336,18 +375,13 @@ $$;
 
 CREATE FUNCTION kvapi.kv_exists(p_app_id text, p_key text, p_requester jsonb DEFAULT NULL)
 RETURNS boolean
-LANGUAGE plpgsql STABLE SECURITY DEFINER
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    PERFORM kvapi_data.check_key(p_key);
-    PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'read');
+    PERFORM kvapi_data.begin_operation(p_app_id, p_key, p_requester, 'read');
     PERFORM FROM kvapi_data.find_live(p_app_id, p_key, statement_timestamp());
-    IF FOUND THEN
-        RETURN true;
-    END IF;
-    PERFORM kvapi_data.app_plan(p_app_id);
-    RETURN false;
+    RETURN FOUND;
 END
 $$;
 
@@ -361,21 +395,15 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_row record;
+    v_found boolean;
 BEGIN
-    PERFORM kvapi_data.check_key(p_key);
-    PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'write');
+    PERFORM kvapi_data.begin_operation(p_app_id, p_key, p_requester, 'write');
     PERFORM kvapi_data.lock_key(p_app_id, p_key);
     SELECT * INTO v_row FROM kvapi_data.find_live(p_app_id, p_key, statement_timestamp());
+    v_found := FOUND;
 
-    IF p_if_match IS NOT NULL
-       AND NOT (FOUND AND (v_row.version::text = ANY (p_if_match) OR '*' = ANY (p_if_match))) THEN
-        RAISE EXCEPTION USING ERRCODE = 'KVVER',
-            MESSAGE = format('version precondition failed for key %L: current version is %s',
-                             left(p_key, 64), coalesce(v_row.version::text, 'none (key absent)')),
-            HINT = 'Read the key again and retry with its current version.';
-    END IF;
-    IF NOT FOUND THEN
-        PERFORM kvapi_data.app_plan(p_app_id);
+    PERFORM kvapi_data.check_if_match(p_key, p_if_match, v_found, v_row.version);
+    IF NOT v_found THEN
         RETURN false;
     END IF;
     RETURN kvapi_data.delete_entry(p_app_id, p_key, v_row.ephemeral);
@@ -395,8 +423,7 @@ DECLARE
     v_row record;
     v_expires_at timestamptz;
 BEGIN
-    PERFORM kvapi_data.check_key(p_key);
-    PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'write');
+    PERFORM kvapi_data.begin_operation(p_app_id, p_key, p_requester, 'write');
     IF p_ttl IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'KVINV',
             MESSAGE = format('invalid ttl for expire on key %L: the ttl is missing', left(p_key, 64)),
@@ -407,7 +434,6 @@ BEGIN
     PERFORM kvapi_data.lock_key(p_app_id, p_key);
     SELECT * INTO v_row FROM kvapi_data.find_live(p_app_id, p_key, v_now);
     IF NOT FOUND THEN
-        PERFORM kvapi_data.app_plan(p_app_id);
         RETURN false;
     END IF;
     PERFORM kvapi_data.set_expiry(p_app_id, p_key, v_row.ephemeral, v_expires_at);
@@ -419,34 +445,33 @@ $$;
 -- NULL for a key without expiry and for a missing key.
 CREATE FUNCTION kvapi.kv_ttl(p_app_id text, p_key text, p_requester jsonb DEFAULT NULL,
     OUT ttl bigint, OUT "exists" boolean)
-LANGUAGE plpgsql STABLE SECURITY DEFINER
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_now timestamptz := statement_timestamp();
     v_row record;
 BEGIN
-    PERFORM kvapi_data.check_key(p_key);
-    PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'read');
+    PERFORM kvapi_data.begin_operation(p_app_id, p_key, p_requester, 'read');
     SELECT * INTO v_row FROM kvapi_data.find_live(p_app_id, p_key, v_now);
     "exists" := FOUND;
-    IF NOT FOUND THEN
-        PERFORM kvapi_data.app_plan(p_app_id);
-        RETURN;
+    IF FOUND THEN
+        ttl := kvapi_data.ttl_remaining(v_row.expires_at, v_now);
     END IF;
-    ttl := kvapi_data.ttl_remaining(v_row.expires_at, v_now);
 END
 $$;
 
 -- Values of up to 1000 keys as a JSON array in the order asked, with null
--- for each missing key.
+-- for each missing key. A key the requester may not read denies the whole
+-- request. Counts as one operation against the rate limit.
 CREATE FUNCTION kvapi.kv_mget(p_app_id text, p_keys text[], p_requester jsonb DEFAULT NULL)
 RETURNS jsonb
-LANGUAGE plpgsql STABLE SECURITY DEFINER
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_now timestamptz := statement_timestamp();
+    v_plan kvapi_data.plans;
     v_key text;
     v_values jsonb;
 BEGIN
@@ -455,11 +480,15 @@ BEGIN
             MESSAGE = format('invalid keys: mget takes 0 to 1000 keys, got %s', coalesce(cardinality(p_keys)::text, 'NULL')),
             HINT = 'Split the request into batches of at most 1000 keys.';
     END IF;
+    v_plan := kvapi_data.app_plan(p_app_id);
     FOREACH v_key IN ARRAY p_keys LOOP
         PERFORM kvapi_data.check_key(v_key);
         PERFORM kvapi_data.check_access(p_app_id, v_key, p_requester, 'read');
     END LOOP;
-    PERFORM kvapi_data.app_plan(p_app_id);
+    IF cardinality(p_keys) = 0 THEN
+        PERFORM kvapi_data.check_caller(p_app_id);
+    END IF;
+    PERFORM kvapi_data.check_rate(p_app_id, v_plan.ops_per_second);
 
     SELECT coalesce(jsonb_agg(f.value ORDER BY k.ordinality), '[]'::jsonb) INTO v_values
     FROM unnest(p_keys) WITH ORDINALITY AS k (key, ordinality)
@@ -470,8 +499,9 @@ $$;
 
 -- Write up to 1000 keys from a JSON object {key: value}, all or nothing,
 -- each with p_ttl (or the default TTL) in the p_ephemeral tier. Returns the
--- number of keys written. Keys are locked in byte order so that concurrent
--- kv_mset calls cannot deadlock.
+-- number of keys written. The quota is checked once for the whole batch.
+-- Keys are locked in byte order so that concurrent kv_mset calls cannot
+-- deadlock.
 CREATE FUNCTION kvapi.kv_mset(p_app_id text, p_entries jsonb, p_ttl jsonb DEFAULT NULL,
     p_ephemeral boolean DEFAULT false, p_requester jsonb DEFAULT NULL)
 RETURNS integer
@@ -483,8 +513,12 @@ DECLARE
     v_plan kvapi_data.plans;
     v_expires_at timestamptz;
     v_entry record;
-    v_live_ephemeral boolean;
-    v_count integer := 0;
+    v_live record;
+    v_keys text[] := '{}';
+    v_live_tiers boolean[] := '{}';
+    v_added_keys integer := 0;
+    v_added_bytes bigint := 0;
+    v_count integer;
 BEGIN
     IF jsonb_typeof(p_entries) IS DISTINCT FROM 'object' THEN
         RAISE EXCEPTION USING ERRCODE = 'KVINV',
@@ -492,10 +526,10 @@ BEGIN
                              coalesce(jsonb_typeof(p_entries), 'NULL')),
             HINT = 'Send entries as {"key": value, ...}.';
     END IF;
-    IF (SELECT count(*) FROM jsonb_object_keys(p_entries)) > 1000 THEN
+    v_count := (SELECT count(*) FROM jsonb_object_keys(p_entries));
+    IF v_count > 1000 THEN
         RAISE EXCEPTION USING ERRCODE = 'KVINV',
-            MESSAGE = format('invalid entries: mset takes 0 to 1000 entries, got %s',
-                             (SELECT count(*) FROM jsonb_object_keys(p_entries))),
+            MESSAGE = format('invalid entries: mset takes 0 to 1000 entries, got %s', v_count),
             HINT = 'Split the request into batches of at most 1000 entries.';
     END IF;
     v_plan := kvapi_data.app_plan(p_app_id);
@@ -504,19 +538,35 @@ BEGIN
     ELSE
         v_expires_at := kvapi_data.expiry_after(v_now, kvapi_data.ttl_seconds(p_ttl));
     END IF;
-
-    FOR v_entry IN
-        SELECT e.key COLLATE "C" AS key, e.value FROM jsonb_each(p_entries) e ORDER BY 1
-    LOOP
+    FOR v_entry IN SELECT e.key, e.value FROM jsonb_each(p_entries) e LOOP
         PERFORM kvapi_data.check_key(v_entry.key);
         PERFORM kvapi_data.check_access(p_app_id, v_entry.key, p_requester, 'write');
         PERFORM kvapi_data.check_value(v_entry.value, v_entry.key, v_plan);
+    END LOOP;
+    IF v_count = 0 THEN
+        PERFORM kvapi_data.check_caller(p_app_id);
+    END IF;
+    PERFORM kvapi_data.check_rate(p_app_id, v_plan.ops_per_second);
+
+    -- First pass: lock every key and measure how usage would change.
+    FOR v_entry IN
+        SELECT e.key COLLATE "C" AS key, e.value FROM jsonb_each(p_entries) e ORDER BY 1
+    LOOP
         PERFORM kvapi_data.lock_key(p_app_id, v_entry.key);
-        SELECT f.ephemeral INTO v_live_ephemeral
-        FROM kvapi_data.find_live(p_app_id, v_entry.key, v_now) f;
-        PERFORM kvapi_data.write_entry(p_app_id, v_entry.key, v_entry.value, v_expires_at,
-                                       p_ephemeral, v_live_ephemeral);
-        v_count := v_count + 1;
+        SELECT * INTO v_live FROM kvapi_data.find_live(p_app_id, v_entry.key, v_now);
+        IF NOT FOUND THEN
+            v_added_keys := v_added_keys + 1;
+        END IF;
+        v_added_bytes := v_added_bytes + kvapi_data.entry_size(v_entry.key, v_entry.value)
+                         - coalesce(v_live.size_bytes, 0);
+        v_keys := v_keys || v_entry.key;
+        v_live_tiers := v_live_tiers || v_live.ephemeral;
+    END LOOP;
+    PERFORM kvapi_data.check_quota(v_plan, p_app_id, v_now, v_added_keys, v_added_bytes);
+
+    FOR v_index IN 1..cardinality(v_keys) LOOP
+        PERFORM kvapi_data.write_entry(p_app_id, v_keys[v_index], p_entries -> v_keys[v_index],
+                                       v_expires_at, p_ephemeral, v_live_tiers[v_index]);
     END LOOP;
     RETURN v_count;
 END
@@ -525,15 +575,16 @@ $$;
 -- One page of live keys in byte order, as
 -- {"keys": [{"key": ..., "ttl": ...}], "cursor": next page or null}.
 -- Paging is by key, so a key present for the whole listing appears exactly
--- once. p_limit is 1 to 1000.
+-- once. p_limit is 1 to 1000. For trusted callers only (no p_requester).
 CREATE FUNCTION kvapi.kv_list(p_app_id text, p_prefix text DEFAULT '',
     p_cursor text DEFAULT NULL, p_limit integer DEFAULT 100)
 RETURNS jsonb
-LANGUAGE plpgsql STABLE SECURITY DEFINER
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_now timestamptz := statement_timestamp();
+    v_plan kvapi_data.plans;
     v_prefix text := coalesce(p_prefix, '');
     v_upper text := kvapi_data.prefix_upper_bound(coalesce(p_prefix, ''));
     v_after text;
@@ -551,8 +602,9 @@ BEGIN
             MESSAGE = format('invalid prefix %L...: the prefix is %s UTF-8 bytes long', left(v_prefix, 64), octet_length(v_prefix)),
             HINT = 'Keys are at most 1024 bytes, so use a shorter prefix.';
     END IF;
+    v_plan := kvapi_data.app_plan(p_app_id);
     PERFORM kvapi_data.check_caller(p_app_id);
-    PERFORM kvapi_data.app_plan(p_app_id);
+    PERFORM kvapi_data.check_rate(p_app_id, v_plan.ops_per_second);
     IF p_cursor IS NOT NULL THEN
         v_after := kvapi_data.decode_cursor(p_cursor);
     END IF;
@@ -591,5 +643,31 @@ BEGIN
     RETURN jsonb_build_object(
         'keys', v_keys,
         'cursor', CASE WHEN v_count > p_limit THEN kvapi_data.encode_cursor(v_last) END);
+END
+$$;
+
+-- Live keys and bytes of an app and its plan's limits, as
+-- {"keys", "bytes", "plan": {...}}.
+CREATE FUNCTION kvapi.kv_usage(p_app_id text) RETURNS jsonb
+LANGUAGE plpgsql STABLE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_plan kvapi_data.plans;
+    v_usage record;
+BEGIN
+    v_plan := kvapi_data.app_plan(p_app_id);
+    PERFORM kvapi_data.check_caller(p_app_id);
+    SELECT * INTO v_usage FROM kvapi_data.live_usage(p_app_id, statement_timestamp());
+    RETURN jsonb_build_object(
+        'keys', v_usage.keys,
+        'bytes', v_usage.bytes,
+        'plan', jsonb_build_object(
+            'plan_id', v_plan.plan_id,
+            'ops_per_second', v_plan.ops_per_second,
+            'max_value_bytes', v_plan.max_value_bytes,
+            'max_keys', v_plan.max_keys,
+            'max_total_bytes', v_plan.max_total_bytes,
+            'default_ttl_seconds', v_plan.default_ttl_seconds));
 END
 $$;

@@ -33,7 +33,7 @@ GRANT USAGE ON SCHEMA kvapi TO kvapi_client;
 GRANT EXECUTE ON FUNCTION
     kvapi.kv_get, kvapi.kv_set, kvapi.kv_setex, kvapi.kv_setnx, kvapi.kv_cas,
     kvapi.kv_incr, kvapi.kv_decr, kvapi.kv_exists, kvapi.kv_del, kvapi.kv_expire,
-    kvapi.kv_ttl, kvapi.kv_mget, kvapi.kv_mset, kvapi.kv_list
+    kvapi.kv_ttl, kvapi.kv_mget, kvapi.kv_mset, kvapi.kv_list, kvapi.kv_usage
     TO kvapi_client;
 GRANT EXECUTE ON FUNCTION
     kvapi.app_authenticate, kvapi.app_jwt_keys, kvapi.kv_expose, kvapi.kv_unexpose,
