@@ -6,7 +6,7 @@ Each case of the tables runs three ways: kvapi.kv_explain, kvapi.kv_get and
 kvapi.kv_set, the last two called with the requester as p_requester, so the
 explanation and the guard of the operations must agree. The tests share one
 database and each works in an app of its own, because cloning the template
-database costs about half a second per test.
+database for each of the many small cases would take longer than the cases.
 """
 
 from __future__ import annotations
