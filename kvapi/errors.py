@@ -76,3 +76,18 @@ class KvError(Exception):
 
 def invalid_request(message: str) -> KvError:
     return KvError("KV_INVALID_REQUEST", message)
+
+
+def markdown_table() -> str:
+    """Render the registry as the table in docs/errors.md (a test checks
+    that the file matches)."""
+    lines = [
+        "| HTTP status | code | SQLSTATE | SDK exception | when |",
+        "|---|---|---|---|---|",
+    ]
+    for entry in REGISTRY:
+        lines.append(
+            f"| {entry.http_status} | `{entry.code}` | {f'`{entry.sqlstate}`' if entry.sqlstate else '-'} "
+            f"| `{entry.exception}` | {entry.description} |"
+        )
+    return "\n".join(lines) + "\n"
