@@ -2,9 +2,10 @@
 user would call them.
 
 The tests of this module share one database and each works in an app of its
-own, because cloning the template database for every test costs about half a
-second per test (measured on 2 cores). Arguments are sent as JSON text and values are read
-back as value::text, so the tests see exactly the digits PostgreSQL stores.
+own, because cloning the template database for every test costs about half
+a second per test (measured on 2 cores). Arguments are sent as JSON text and
+values are read back as value::text, so the tests see exactly the digits
+PostgreSQL stores.
 """
 
 from __future__ import annotations
@@ -117,6 +118,15 @@ class Kv:
             " SELECT expires_at FROM kvapi_data.ephemeral_entries WHERE app_id = %(app)s AND key = %(key)s",
             {"app": self.app_id, "key": key},
         )
+
+
+    def use_plan(self, default_ttl_seconds: int | None, max_value_bytes: int = 1048576) -> None:
+        """Move the app to a plan of its own with these limits."""
+        self.conn.execute(
+            "INSERT INTO kvapi_data.plans (plan_id, default_ttl_seconds, max_value_bytes) VALUES (%s, %s, %s)",
+            [self.app_id, default_ttl_seconds, max_value_bytes],
+        )
+        self.conn.execute("UPDATE kvapi_data.apps SET plan_id = %s WHERE app_id = %s", [self.app_id, self.app_id])
 
 
 @pytest.fixture
@@ -1133,6 +1143,38 @@ def test_nul_in_python_string_rejected(kv):
     assert kv.exists("k") is False
 
 
+def test_value_size_limit(kv):
+    kv.use_plan(DEFAULT_TTL, max_value_bytes=100)
+    largest = '"' + "a" * 98 + '"'
+    too_large = '"' + "a" * 99 + '"'
+
+    kv.set("k", largest)
+    assert kv.value("k") == largest
+
+    with raises_sqlstate("KVBIG"):
+        kv.set("k", too_large)
+    with raises_sqlstate("KVBIG"):
+        kv.scalar("SELECT kvapi.kv_setnx(%s, 'new', %s::jsonb)", [kv.app_id, too_large])
+    with raises_sqlstate("KVBIG"):
+        kv.cas("k", largest, too_large)
+    with raises_sqlstate("KVBIG"):
+        kv.scalar("SELECT kvapi.kv_mset(%s, jsonb_build_object('a', 1, 'b', %s::jsonb))", [kv.app_id, too_large])
+
+    assert kv.value("k") == largest
+    assert kv.listed_keys() == ["k"]
+
+
+def test_value_size_counts_stored_text(kv):
+    # jsonb stores 1e100 as 1 followed by 100 zeros: 101 bytes, over the limit.
+    kv.use_plan(DEFAULT_TTL, max_value_bytes=100)
+
+    with raises_sqlstate("KVBIG") as excinfo:
+        kv.set("k", "1e100")
+
+    assert kv.exists("k") is False
+    assert "101" in excinfo.value.diag.message_primary
+
+
 def test_duplicate_object_keys_last_wins(kv):
     kv.set("k", '{"a": 1, "a": 2}')
 
@@ -1186,6 +1228,34 @@ def test_invalid_ttl_message_names_value(kv):
         kv.set("k", "1", "2147483648")
 
     assert "2147483648" in excinfo.value.diag.message_primary
+
+
+def test_default_ttl_follows_plan(kv):
+    kv.use_plan(90)
+
+    kv.set("set", "1")
+    kv.set("keep", "1", keep_ttl=True)
+    kv.scalar("SELECT kvapi.kv_setnx(%s, 'setnx', '1')", [kv.app_id])
+    kv.cas("cas", None, "1")
+    kv.incr("incr")
+    kv.scalar("SELECT kvapi.kv_mset(%s, '{\"mset\": 1}')", [kv.app_id])
+    kv.set("touched", "1", "5")
+    kv.get("touched", touch="true")
+
+    for key in ["set", "keep", "setnx", "cas", "incr", "mset", "touched"]:
+        assert kv.ttl(key) == (90, True), key
+
+
+def test_plan_change_applies_to_next_write(kv):
+    kv.use_plan(90)
+    kv.set("before", "1")
+
+    kv.conn.execute("UPDATE kvapi_data.plans SET default_ttl_seconds = NULL WHERE plan_id = %s", [kv.app_id])
+    kv.set("after", "1")
+    kv.get("before", touch="true")
+
+    assert kv.ttl("after") == (None, True)
+    assert kv.ttl("before") == (None, True)
 
 
 # versions
