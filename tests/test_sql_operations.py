@@ -793,7 +793,7 @@ def test_mget_1001_keys_rejected(kv):
         kv.scalar("SELECT kvapi.kv_mget(%s, %s)", [kv.app_id, keys])
 
 
-@pytest.mark.parametrize("bad_key", ["", KEY_1025_BYTES])
+@pytest.mark.parametrize("bad_key", ["", KEY_1025_BYTES, None], ids=["empty", "1025_bytes", "null"])
 def test_mget_invalid_key_rejected(kv, bad_key):
     with raises_sqlstate("KVINV"):
         kv.scalar("SELECT kvapi.kv_mget(%s, %s)", [kv.app_id, ["a", bad_key]])
@@ -951,14 +951,15 @@ def test_list_default_limit_is_100(kv):
 
 
 def test_list_limit_bounds(kv):
-    kv.scalar("SELECT kvapi.kv_mset(%s, %s)", [kv.app_id, Jsonb({f"k{i:04}": i for i in range(1000)})])
-    kv.set("k1000", "1")
+    kv.scalar("SELECT kvapi.kv_mset(%s, %s, 'null')", [kv.app_id, Jsonb({f"k{i:04}": i for i in range(1000)})])
+    kv.set("k1000", "1", "null")
 
-    assert len(kv.list("", None, 1)["keys"]) == 1
+    assert kv.list("", None, 1)["keys"] == [{"key": "k0000", "ttl": None}]
     page = kv.list("", None, 1000)
     assert len(page["keys"]) == 1000
+    assert page["keys"][-1] == {"key": "k0999", "ttl": None}
     assert page["cursor"] is not None
-    assert kv.list("", page["cursor"], 1000)["keys"] == [{"key": "k1000", "ttl": DEFAULT_TTL}]
+    assert kv.list("", page["cursor"], 1000) == {"keys": [{"key": "k1000", "ttl": None}], "cursor": None}
 
 
 @pytest.mark.parametrize("limit", [0, -1, 1001, None])
