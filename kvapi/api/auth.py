@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import secrets
 import time
 from dataclasses import dataclass
@@ -22,10 +23,13 @@ from typing import Any
 
 import jwt
 import psycopg
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from kvapi import statements
 from kvapi.errors import KvError
+
+logger = logging.getLogger(__name__)
 
 SERVICE_KEY_PREFIX = "kvs_"
 # NOTE: a deleted service key or token key keeps working on a server that
@@ -112,13 +116,34 @@ class VerificationKey:
     key: Any
 
 
-def _load_keys(raw: bytes) -> list[VerificationKey]:
+def load_public_key(algorithm: str, pem: str) -> Any:
+    """Load a PEM public key for algorithm; raise ValueError naming the
+    problem when it is not a key of the type that algorithm needs."""
+    try:
+        key = load_pem_public_key(pem.encode("utf-8"))
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"invalid public key: not a PEM public key ({error})") from None
+    if algorithm == "RS256" and not isinstance(key, rsa.RSAPublicKey):
+        raise ValueError("invalid public key: RS256 needs an RSA public key")
+    if algorithm == "ES256" and not (isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)):
+        raise ValueError("invalid public key: ES256 needs an EC public key on curve P-256")
+    return key
+
+
+def _load_keys(app_id: str, raw: bytes) -> list[VerificationKey]:
     keys = []
     for entry in json.loads(raw):
-        if entry["algorithm"] in ASYMMETRIC_ALGORITHMS:
-            keys.append(VerificationKey(entry["algorithm"], load_pem_public_key(entry["key"].encode())))
-        else:
+        if entry["algorithm"] not in ASYMMETRIC_ALGORITHMS:
             keys.append(VerificationKey(entry["algorithm"], entry["key"]))
+            continue
+        try:
+            keys.append(VerificationKey(entry["algorithm"], load_public_key(entry["algorithm"], entry["key"])))
+        except ValueError as error:
+            # One unusable key must not stop the app's other keys.
+            logger.warning(
+                "skipping unusable token key",
+                extra={"event": "auth.bad_token_key", "app_id": app_id, "algorithm": entry["algorithm"], "error": str(error)},
+            )
     return keys
 
 
@@ -143,7 +168,8 @@ def verify_token(token: str, app_id: str, keys: list[VerificationKey]) -> dict[s
                 leeway=CLOCK_LEEWAY_SECONDS,
                 options={"require": ["exp"], "verify_aud": False},
             )
-        except jwt.InvalidSignatureError:
+        except (jwt.InvalidSignatureError, jwt.InvalidKeyError):
+            # Another key of the same algorithm may have signed it.
             continue
         except jwt.PyJWTError as error:
             raise _unauthorized(str(error)) from None
@@ -181,6 +207,6 @@ class CredentialCache:
             (raw,) = await cursor.fetchone()
             if len(self._token_keys) >= CACHE_MAX_ENTRIES:
                 self._token_keys.clear()
-            cached = (now + CACHE_SECONDS, _load_keys(raw))
+            cached = (now + CACHE_SECONDS, _load_keys(app_id, raw))
             self._token_keys[app_id] = cached
         return verify_token(token, app_id, cached[1])

@@ -112,6 +112,13 @@ def decode(body: bytes, body_type: object, usage: str) -> object:
     if not body:
         raise KvError("KV_INVALID_REQUEST", f"invalid request body: the body is empty; send {usage}")
     try:
+        # msgspec copies Raw fields without checking their UTF-8.
+        body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise KvError(
+            "KV_INVALID_REQUEST", f"invalid request body: not valid UTF-8 at byte {error.start}; send UTF-8 JSON"
+        ) from None
+    try:
         return decoder.decode(body)
     except msgspec.DecodeError as error:
         raise KvError("KV_INVALID_REQUEST", f"invalid request body: {error}; send {usage}") from None

@@ -17,7 +17,8 @@ DECLARE
 BEGIN
     IF p_batch_size IS NULL OR p_batch_size < 1 THEN
         RAISE EXCEPTION USING ERRCODE = 'KVINV',
-            MESSAGE = format('invalid batch size %s: expected a positive integer', coalesce(p_batch_size::text, 'NULL'));
+            MESSAGE = format('invalid batch size %s: expected a positive integer', coalesce(p_batch_size::text, 'NULL')),
+            HINT = 'Omit the batch size for batches of 1000 rows.';
     END IF;
 
     -- Deleted rows leave the usage counters in the same statement, added to

@@ -59,7 +59,7 @@ BEGIN
         RETURN;
     END IF;
     SELECT b.app_id INTO v_bound_app FROM kvapi_data.role_bindings b WHERE b.role_name = session_user;
-    IF v_bound_app IS NOT DISTINCT FROM p_app_id THEN
+    IF v_bound_app = p_app_id THEN
         RETURN;
     END IF;
     RAISE EXCEPTION USING ERRCODE = 'KVFOR',
