@@ -77,31 +77,21 @@ ENCODED_KEYS = [
 ]
 
 
-@pytest.mark.parametrize("key", ENCODED_KEYS)
-def test_encoded_key_round_trip(client, http_app, key):
-    path = key_path(http_app.app_id, key)
+def test_encoded_keys_round_trip(client, http_app):
+    """Every key of ENCODED_KEYS is stored under its exact text and read back
+    from the same path. No case folding, Unicode normalisation or second
+    decoding merges two of them."""
+    app_id = http_app.app_id
+    expected = {key: (200, key, 200, key, key) for key in ENCODED_KEYS}
 
-    put = client.put(path, json={"value": key})
-    assert put.status_code == 200
-    assert put.json()["key"] == key
-
-    got = client.get(path)
-    assert got.status_code == 200
-    assert got.json()["key"] == key
-    assert got.json()["value"] == key
-    assert listed_keys(client, http_app.app_id) == [key]
-
-
-def test_encoded_keys_stay_distinct(client, http_app):
-    """No case folding, no Unicode normalisation, no double decoding: every
-    key of ENCODED_KEYS is a key of its own."""
+    observed = {}
     for key in ENCODED_KEYS:
-        response = client.put(key_path(http_app.app_id, key), json={"value": key})
-        assert response.status_code == 200
+        put = client.put(key_path(app_id, key), json={"value": key})
+        got = client.get(key_path(app_id, key))
+        observed[key] = (put.status_code, put.json().get("key"), got.status_code, got.json().get("key"), got.json().get("value"))
 
-    assert listed_keys(client, http_app.app_id) == sorted(ENCODED_KEYS, key=lambda key: key.encode("utf-8"))
-    for key in ENCODED_KEYS:
-        assert client.get(key_path(http_app.app_id, key)).json()["value"] == key
+    assert observed == expected
+    assert listed_keys(client, app_id) == sorted(ENCODED_KEYS, key=lambda key: key.encode("utf-8"))
 
 
 def test_raw_and_encoded_slash_same_key(client, http_app):
@@ -172,25 +162,29 @@ RAW_PATH_KEYS = [
 ]
 
 
-@pytest.mark.parametrize(("raw", "key"), RAW_PATH_KEYS)
-def test_raw_path_keeps_key_text(client, http_app, http_server, raw, key):
+@pytest.mark.parametrize("read_path", ["raw", "encoded"])
+def test_raw_paths_keep_key_text(client, http_app, http_server, read_path):
+    """Write each key through its raw path, then read it back through the
+    same raw path or through the key fully percent-encoded, %2E included."""
     app_id = http_app.app_id
+    expected = {raw: (200, key, 200, "stored") for raw, key in RAW_PATH_KEYS}
 
-    status, body = send_raw(http_server, http_app.service_key, "PUT", f"/v1/{app_id}/kv/{raw}", PUT_BODY)
-    assert status == 200
-    assert json.loads(body)["key"] == key
+    observed = {}
+    for raw, key in RAW_PATH_KEYS:
+        status, body = send_raw(http_server, http_app.service_key, "PUT", f"/v1/{app_id}/kv/{raw}", PUT_BODY)
+        stored_key = json.loads(body).get("key")
+        if read_path == "raw":
+            response = send_raw(http_server, http_app.service_key, "GET", f"/v1/{app_id}/kv/{raw}")
+            read_status, read_body = response[0], json.loads(response[1])
+        else:
+            encoded = "".join(f"%{byte:02X}" for byte in key.encode("utf-8"))
+            response = client.get(f"/v1/{app_id}/kv/{encoded}")
+            read_status, read_body = response.status_code, response.json()
+        observed[raw] = (status, stored_key, read_status, read_body.get("value"))
 
-    status, body = send_raw(http_server, http_app.service_key, "GET", f"/v1/{app_id}/kv/{raw}")
-    assert status == 200
-    assert json.loads(body)["key"] == key
-
-    # The key was stored under its exact text: fully encoded, %2E included,
-    # it reads back, and the list route shows it alone.
-    encoded = "".join(f"%{byte:02X}" for byte in key.encode("utf-8"))
-    response = client.get(f"/v1/{app_id}/kv/{encoded}")
-    assert response.status_code == 200
-    assert response.json()["value"] == "stored"
-    assert listed_keys(client, app_id) == [key]
+    assert observed == expected
+    stored = sorted({key for _, key in RAW_PATH_KEYS}, key=lambda key: key.encode("utf-8"))
+    assert listed_keys(client, app_id) == stored
 
 
 def test_dot_segment_keys_distinct(client, http_app, http_server):
@@ -203,29 +197,33 @@ def test_dot_segment_keys_distinct(client, http_app, http_server):
     assert listed_keys(client, app_id) == sorted(raws)
 
 
-@pytest.mark.parametrize(
-    ("raw", "problem"),
-    [
-        ("%FF", "not valid UTF-8"),
-        ("abc%FF", "not valid UTF-8"),
-        ("%C3", "not valid UTF-8"),
-        ("%C3%28", "not valid UTF-8"),
-        ("%ED%A0%80", "not valid UTF-8"),
-        ("%F4%90%80%80", "not valid UTF-8"),
-        ("%C0%AF", "not valid UTF-8"),
-        ("%00", "U+0000"),
-        ("a%00b", "U+0000"),
-        ("", "empty"),
-    ],
-)
+# Key paths that must be rejected, and a word the error message must contain.
+INVALID_KEY_PATHS = {
+    "%FF": "not valid UTF-8",
+    "abc%FF": "not valid UTF-8",
+    "%C3": "not valid UTF-8",
+    "%C3%28": "not valid UTF-8",
+    "%ED%A0%80": "not valid UTF-8",
+    "%F4%90%80%80": "not valid UTF-8",
+    "%C0%AF": "not valid UTF-8",
+    "%00": "U+0000",
+    "a%00b": "U+0000",
+    "": "empty",
+}
+
+
 @pytest.mark.parametrize("method", ["GET", "PUT", "DELETE", "POST"])
-def test_invalid_key_is_400(http_app, http_server, raw, problem, method):
+def test_invalid_key_is_400(http_app, http_server, method):
     bodies = {"PUT": PUT_BODY, "POST": b'{"op": "exists"}'}
-    status, body = send_raw(http_server, http_app.service_key, method, f"/v1/{http_app.app_id}/kv/{raw}", bodies.get(method))
-    error = json.loads(body)["error"]
-    assert status == 400
-    assert error["code"] == "KV_INVALID_REQUEST"
-    assert problem in error["message"]
+    expected = {raw: (400, "KV_INVALID_REQUEST", True) for raw in INVALID_KEY_PATHS}
+
+    observed = {}
+    for raw, problem in INVALID_KEY_PATHS.items():
+        status, body = send_raw(http_server, http_app.service_key, method, f"/v1/{http_app.app_id}/kv/{raw}", bodies.get(method))
+        error = json.loads(body)["error"]
+        observed[raw] = (status, error["code"], problem in error["message"])
+
+    assert observed == expected
 
 
 def test_head_invalid_key_is_400(http_app, http_server):
@@ -263,31 +261,37 @@ def test_key_length_limit(client, http_app, key, status):
         assert got.json()["error"]["code"] == "KV_INVALID_REQUEST"
 
 
-@pytest.mark.parametrize(
-    "raw",
-    [
-        "",
-        "/",
-        "//",
-        "a/",
-        "a//b",
-        ".",
-        "..",
-        "a/../b",
-        "a/./b",
-        "%2E%2E/x",
-        "%2F",
-        "x?touch=true",
-        "%FF",
-    ],
-)
+NEVER_REDIRECTED_PATHS = [
+    "/v1/{app}/kv/",
+    "/v1/{app}/kv//",
+    "/v1/{app}/kv///",
+    "/v1/{app}/kv/a/",
+    "/v1/{app}/kv/a//b",
+    "/v1/{app}/kv/.",
+    "/v1/{app}/kv/..",
+    "/v1/{app}/kv/a/../b",
+    "/v1/{app}/kv/a/./b",
+    "/v1/{app}/kv/%2E%2E/x",
+    "/v1/{app}/kv/%2F",
+    "/v1/{app}/kv/x?touch=true",
+    "/v1/{app}/kv/%FF",
+    "/v1/{app}/kv",
+    "/v1/{app}/kv/../../health",
+    "/v1/{app}/",
+    "/v1/{app}/kv-rules/",
+    "/v1/{app}//kv/x",
+    "/v1//{app}/kv/x",
+    "/health/",
+    "//health",
+]
+
+
 @pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE"])
-def test_key_paths_never_redirect(http_app, http_server, raw, method):
-    status, _ = send_raw(http_server, http_app.service_key, method, f"/v1/{http_app.app_id}/kv/{raw}")
-    assert not 300 <= status < 400
+def test_paths_never_redirect(http_app, http_server, method):
+    statuses = {}
+    for template in NEVER_REDIRECTED_PATHS:
+        path = template.replace("{app}", http_app.app_id)
+        statuses[path], _ = send_raw(http_server, http_app.service_key, method, path)
 
-
-@pytest.mark.parametrize("path", ["/v1/{app_id}/kv", "/v1/{app_id}/kv/", "/v1/{app_id}/kv//", "/health/", "/v1/{app_id}/", "/v1/{app_id}/kv-rules/"])
-def test_other_paths_never_redirect(http_app, http_server, path):
-    status, _ = send_raw(http_server, http_app.service_key, "GET", path.format(app_id=http_app.app_id))
-    assert not 300 <= status < 400
+    redirects = {path: status for path, status in statuses.items() if 300 <= status < 400}
+    assert redirects == {}
