@@ -14,8 +14,8 @@ which are generated from kvapi.errors.REGISTRY.
 
 from kvapi.client import errors
 from kvapi.client._clients import KV, AsyncKV
-from kvapi.client._operations import UNSET, Entry, Explanation, KeyInfo, Page, Rule
+from kvapi.client._operations import UNSET, Entry, Explanation, KeyInfo, Page, Rule, Ttl
 from kvapi.client.errors import *  # noqa: F403 (the generated exception classes)
 from kvapi.client.sql import SqlKV
 
-__all__ = ["KV", "AsyncKV", "SqlKV", "UNSET", "Entry", "Explanation", "KeyInfo", "Page", "Rule", *errors.__all__]
+__all__ = ["KV", "AsyncKV", "SqlKV", "UNSET", "Ttl", "Entry", "Explanation", "KeyInfo", "Page", "Rule", *errors.__all__]
