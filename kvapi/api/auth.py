@@ -43,8 +43,8 @@ ASYMMETRIC_ALGORITHMS = ("RS256", "ES256")
 
 @dataclass(frozen=True)
 class Credentials:
-    """What a request presented: a service key digest, an end-user token, or
-    nothing (anonymous)."""
+    """Credentials of one request: a service key digest, an end-user token,
+    or neither (anonymous)."""
 
     key_hash: bytes | None = None
     token: str | None = None

@@ -84,10 +84,10 @@ def key_from_scope(request: Request) -> tuple[str, str]:
 async def run(request: Request, app_id: str, statement: str, params: dict[str, Any], *, service_only: bool = False) -> tuple[Any, ...] | None:
     """Authenticate the request for app_id, run one statement, and return its row.
 
-    Service keys run the statement as a trusted caller; end users and
+    Service keys run the statement as a trusted caller. End users and
     anonymous requests pass their identity as p_requester, so the SQL
     function checks the access rules in the same call. Database errors
-    become KvErrors by their SQLSTATE; connection failures and pool
+    become KvErrors by their SQLSTATE, while connection failures and pool
     timeouts propagate to the app's 503 handler."""
     credentials = parse_authorization(request.headers.get("authorization"))
     cache: CredentialCache = request.app.state.credentials
