@@ -1,7 +1,7 @@
 """The error code registry shared by the SQL functions, the HTTP API and the SDK.
 
 Each SQL function raises a SQLSTATE of class KV; this table maps it to the
-API code, the HTTP status and the SDK exception name. tests/test_errors.py
+API code, the HTTP status and the SDK exception name. tests/test_error_registry.py
 checks that every SQLSTATE raised under sql/ is registered here.
 """
 
