@@ -474,7 +474,7 @@ FUZZ_CASES = [
 
 def test_fuzz_never_5xx(client, http_app):
     observed = {}
-    for name, method, path, headers, body, statuses in FUZZ_CASES:
+    for name, method, path, headers, body, _ in FUZZ_CASES:
         response = client.request(method, path.replace("{app}", http_app.app_id), headers=headers, content=body)
         observed[name] = response.status_code
 

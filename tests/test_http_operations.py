@@ -616,9 +616,13 @@ def test_incr_reaches_int64_bounds(client, http_app):
     app_id = http_app.app_id
     client.put(key_path(app_id, "max"), json={"value": 2**63 - 2})
     client.put(key_path(app_id, "min"), json={"value": -(2**63) + 1})
+    client.put(key_path(app_id, "minus-one"), json={"value": -1})
 
     assert post_op(client, app_id, "max", {"op": "incr"}).text == '{"value":9223372036854775807}'
     assert post_op(client, app_id, "min", {"op": "decr"}).text == '{"value":-9223372036854775808}'
+    # -1 - (-2^63) fits, although -(-2^63) alone does not.
+    decr_min = post_op(client, app_id, "minus-one", {"op": "decr", "by": -(2**63)})
+    assert decr_min.text == '{"value":9223372036854775807}'
 
 
 def test_incr_by_beyond_int64_is_400(client, http_app):
