@@ -592,3 +592,31 @@ def test_sql_client_has_every_method():
     names = [name for name, _ in inspect.getmembers(Operations, inspect.isfunction) if not name.startswith("_")]
     for name in [*names, "list"]:
         assert inspect.signature(getattr(SqlKV, name)).parameters == inspect.signature(getattr(KV, name)).parameters, name
+
+
+def move_to_plan(db: psycopg.Connection, app_id: str, ops_per_second: int) -> None:
+    plan = f"sdk_rate_{secrets.token_hex(4)}"
+    db.execute(
+        "INSERT INTO kvapi_data.plans (plan_id, default_ttl_seconds, max_value_bytes, ops_per_second) VALUES (%s, 2592000, 1048576, %s)",
+        [plan, ops_per_second],
+    )
+    db.execute("UPDATE kvapi_data.apps SET plan_id = %s WHERE app_id = %s", [plan, app_id])
+
+
+def test_server_rate_limit_raises_with_retry_after(kv, db, http_app):
+    move_to_plan(db, http_app.app_id, 3)
+    with pytest.raises(KvRateLimitedError) as caught:
+        for number in range(20):
+            kv.set(f"r:{number}", number)
+    assert caught.value.status == 429
+    assert caught.value.code == "KV_RATE_LIMITED"
+    assert caught.value.limit == 3
+    assert caught.value.retry_after >= 1
+
+
+def test_retries_absorb_server_rate_limit(http_server, db, http_app):
+    move_to_plan(db, http_app.app_id, 4)
+    with KV(http_server.base_url, http_app.app_id, http_app.service_key, retries=5) as client:
+        for _ in range(8):
+            client.incr("paced")
+        assert client.get("paced") == 8
