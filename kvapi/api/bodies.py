@@ -122,6 +122,10 @@ def decode(body: bytes, body_type: object, usage: str) -> object:
         return decoder.decode(body)
     except msgspec.DecodeError as error:
         raise KvError("KV_INVALID_REQUEST", f"invalid request body: {error}; send {usage}") from None
+    except RecursionError:
+        raise KvError(
+            "KV_INVALID_REQUEST", "invalid request body: JSON nested too deeply; send a value with less nesting"
+        ) from None
 
 
 def raw_text(raw: Raw) -> str:

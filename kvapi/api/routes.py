@@ -28,6 +28,7 @@ ANONYMOUS = "{}"
 _encode = msgspec.json.encode
 _TOUCH_SECONDS = re.compile(r"[0-9]{1,20}")
 _LIMIT = re.compile(r"[0-9]{1,9}")
+APP_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def json_response(content: dict[str, Any], status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -89,6 +90,9 @@ async def run(request: Request, app_id: str, statement: str, params: dict[str, A
     function checks the access rules in the same call. Database errors
     become KvErrors by their SQLSTATE, while connection failures and pool
     timeouts propagate to the app's 503 handler."""
+    if not APP_ID.fullmatch(app_id):
+        # No such app can exist (kvapi_data.apps checks the same pattern).
+        raise KvError("KV_APP_NOT_FOUND", f"app {app_id!r} not found")
     credentials = parse_authorization(request.headers.get("authorization"))
     cache: CredentialCache = request.app.state.credentials
     params["app_id"] = app_id
