@@ -18,6 +18,7 @@ from kvapi.client import (
     KeyInfo,
     KvAppNotFoundError,
     KvCounterOverflowError,
+    KvForbiddenError,
     KvInvalidRequestError,
     KvNotACounterError,
     KvValueTooLargeError,
@@ -258,3 +259,17 @@ def test_rules(kv):
     assert kv.explain("other", user_id="u1").rule is None
     assert kv.unexpose("public:*") is True
     assert kv.list_rules() == []
+
+
+def test_bound_role_reaches_only_its_app(database, conn, app_id):
+    role = f"sdk_role_{secrets.token_hex(4)}"
+    conn.execute(f'CREATE ROLE "{role}" LOGIN')
+    conn.execute("SELECT kvapi.app_grant_role(%s, %s)", [app_id, role])
+    other_app = create_app(database).app_id
+    with psycopg.connect(psycopg.conninfo.make_conninfo(database, user=role), autocommit=True) as connection:
+        kv = SqlKV(connection, app_id)
+        kv.set("mine", {"ok": True})
+        assert kv.get("mine") == {"ok": True}
+        with pytest.raises(KvForbiddenError) as caught:
+            SqlKV(connection, other_app).get("mine")
+    assert caught.value.code == "KV_FORBIDDEN"
