@@ -1,0 +1,195 @@
+"""Where a get's time goes: plan cache modes, partition locks, helper costs.
+
+1. Raw get on the plain and the partitioned tables, and kvapi.kv_get, under
+   each plan_cache_mode (set through PGOPTIONS for pgbench's sessions).
+2. EXPLAIN ANALYZE of the prepared get under a generic and a custom plan,
+   and the relation locks one execution takes (fast-path or not).
+3. Mean latency at 1 client of each step kv_get makes, one statement each.
+4. An experiment in the benchmark's own throwaway database: the internal
+   kvapi_data helpers lose their `SET search_path` clause (ALTER FUNCTION
+   ... RESET ALL), which lets PostgreSQL inline the SQL-language ones and
+   skips a configuration save and restore on every call; kv_get, kv_set and
+   kv_incr are measured again, then the clauses are restored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import psycopg
+
+from bench import drivers, report, workloads
+from bench.report import progress
+from bench.environment import BenchEnvironment
+
+logger = logging.getLogger(__name__)
+
+PLAN_CACHE_MODES = ["auto", "force_custom_plan", "force_generic_plan"]
+PREPARED_GET = (
+    "PREPARE bench_get(text, text) AS SELECT value, version, expires_at FROM {table} "
+    "WHERE app_id = $1 AND key = $2 AND (expires_at IS NULL OR expires_at > now())"
+)
+EXECUTE_GET = f"EXECUTE bench_get('{workloads.APP_ID}', 'k:1')"
+LOCKS_TAKEN = (
+    "SELECT count(*) FILTER (WHERE fastpath), count(*) FILTER (WHERE NOT fastpath) "
+    "FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'relation'"
+)
+KEY = "'k:' || :id"
+# Steps of kvapi.kv_get, each run alone. Internal helpers change with the
+# product; a step whose call fails is reported with its error.
+STEPS = [
+    ("round trip: SELECT 1", "SELECT 1;"),
+    ("raw get, plain table", None),
+    ("raw get, kvapi tables", None),
+    ("kvapi_data.check_key", f"SELECT kvapi_data.check_key({KEY});"),
+    ("kvapi_data.app_plan", "SELECT kvapi_data.app_plan(:app);"),
+    ("kvapi_data.check_caller", "SELECT kvapi_data.check_caller(:app);"),
+    ("kvapi_data.begin_operation", f"SELECT kvapi_data.begin_operation(:app, {KEY}, NULL, 'read');"),
+    ("kvapi_data.find_live", f"SELECT * FROM kvapi_data.find_live(:app, {KEY}, now());"),
+    ("find_live's query, inline", None),
+    ("kvapi.kv_get", f"SELECT * FROM kvapi.kv_get(:app, {KEY});"),
+]
+FIND_LIVE_QUERY = (
+    "SELECT d.value, d.version, d.expires_at, false FROM kvapi_data.entries d "
+    f"WHERE d.app_id = :app AND d.key = {KEY} AND (d.expires_at IS NULL OR d.expires_at > now()) "
+    "UNION ALL SELECT e.value, e.version, e.expires_at, true FROM kvapi_data.ephemeral_entries e "
+    f"WHERE e.app_id = :app AND e.key = {KEY} AND (e.expires_at IS NULL OR e.expires_at > now()) LIMIT 1;"
+)
+# The helpers that lose their SET clause in the experiment: every function
+# of schema kvapi_data that has one and is not SECURITY DEFINER.
+HELPERS_WITH_CONFIG = """
+SELECT p.oid::regprocedure::text, p.proconfig
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname = 'kvapi_data' AND p.proconfig IS NOT NULL AND NOT p.prosecdef AND p.prokind = 'f'
+"""
+
+
+def run(environment: BenchEnvironment, args: argparse.Namespace) -> dict:
+    duration = args.duration
+    clients_list = sorted({1, max(args.clients)})
+    result: dict = {}
+    sections = []
+
+    result["plan_cache_modes"], text = plan_cache_modes(environment, clients_list, duration)
+    sections.append(text)
+    result["explain"], text = explain_and_locks(environment)
+    sections.append(text)
+    result["steps"], text = step_costs(environment, max(1.0, duration / 2))
+    sections.append(text)
+    result["without_set_clause"], text = helpers_without_set_clause(environment, clients_list, duration)
+    sections.append(text)
+    result["text"] = "Diagnosis\n\n" + "\n\n".join(sections)
+    return result
+
+
+def _row(label: str, clients: int, measurement: drivers.Measurement) -> list[str]:
+    pg_seconds = measurement.server_cpu_seconds.get("postgres", 0.0)
+    per_op = pg_seconds * 1e6 / measurement.operations if measurement.operations else None
+    return [label, str(clients), f"{measurement.ops_per_second:,.0f}", report.format_ms(measurement.mean_ms),
+            report.format_ms(measurement.p99_ms), report.format_number(per_op), str(measurement.errors)]
+
+
+MEASUREMENT_HEADER = ["script", "clients", "ops/s", "mean_ms", "p99_ms", "pg_cpu_us/op", "errors"]
+
+
+def plan_cache_modes(environment: BenchEnvironment, clients_list: list[int], duration: float) -> tuple[list, str]:
+    scripts = {
+        "raw get, plain table": workloads.pgbench_script("plain", "get", environment.keys),
+        "raw get, kvapi tables": workloads.pgbench_script("tables", "get", environment.keys),
+        "kvapi.kv_get": workloads.pgbench_script("functions", "get", environment.keys),
+    }
+    data, rows = [], []
+    for label, text in scripts.items():
+        script = environment.write_script(f"diagnose_{label.replace(' ', '_').replace(',', '')}", text)
+        for mode in PLAN_CACHE_MODES:
+            for clients in clients_list:
+                measurement = environment.run_pgbench(script, clients, duration,
+                                                      extra_env={"PGOPTIONS": f"-c plan_cache_mode={mode}"})
+                data.append({"script": label, "plan_cache_mode": mode, "clients": clients, "ops_per_second": measurement.ops_per_second,
+                             "mean_ms": measurement.mean_ms, "p99_ms": measurement.p99_ms,
+                             "pg_cpu_seconds": measurement.server_cpu_seconds.get("postgres"), "operations": measurement.operations,
+                             "errors": measurement.errors})
+                rows.append(_row(f"{label}, {mode}", clients, measurement))
+                progress("diagnose", rows[-1])
+    return data, "plan_cache_mode (pgbench -M prepared, app id and key as parameters)\n" + report.format_table(MEASUREMENT_HEADER, rows)
+
+
+def explain_and_locks(environment: BenchEnvironment) -> tuple[dict, str]:
+    data: dict = {}
+    lines = ["EXPLAIN ANALYZE of the prepared get (first key), and the relation locks one execution holds"]
+    with psycopg.connect(environment.database_url, autocommit=True) as connection:
+        for table in (workloads.PLAIN_TABLES.durable, workloads.KVAPI_TABLES.durable):
+            connection.execute("DEALLOCATE ALL")
+            connection.execute(PREPARED_GET.format(table=table))
+            for mode in ("force_generic_plan", "force_custom_plan"):
+                connection.execute(f"SET plan_cache_mode = {mode}")
+                plan = "\n".join(row[0] for row in connection.execute(f"EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY ON) {EXECUTE_GET}"))
+                with connection.transaction():
+                    connection.execute(EXECUTE_GET).fetchall()
+                    fast, slow = connection.execute(LOCKS_TAKEN).fetchone()
+                data[f"{table} {mode}"] = {"plan": plan, "fastpath_locks": fast, "lock_manager_locks": slow}
+                lines.append(f"\n-- {table}, plan_cache_mode = {mode}: {fast} fast-path relation locks, "
+                             f"{slow} in the shared lock manager\n{plan}")
+        connection.execute("RESET plan_cache_mode")
+        with connection.transaction():
+            connection.execute("SELECT * FROM kvapi.kv_get(%s::text, 'k:1')", [workloads.APP_ID]).fetchall()
+            fast, slow = connection.execute(LOCKS_TAKEN).fetchone()
+        data["kvapi.kv_get"] = {"fastpath_locks": fast, "lock_manager_locks": slow}
+        lines.append(f"\n-- SELECT * FROM kvapi.kv_get('bench', 'k:1'), first call in a session: {fast} fast-path "
+                     f"relation locks, {slow} in the shared lock manager")
+    return data, "\n".join(lines)
+
+
+def step_costs(environment: BenchEnvironment, duration: float) -> tuple[list, str]:
+    texts = {
+        "raw get, plain table": workloads.pgbench_script("plain", "get", environment.keys),
+        "raw get, kvapi tables": workloads.pgbench_script("tables", "get", environment.keys),
+        "find_live's query, inline": workloads.KEY_ID.format(keys=environment.keys) + FIND_LIVE_QUERY + "\n",
+    }
+    data, rows = [], []
+    for index, (label, statement) in enumerate(STEPS):
+        text = texts.get(label) or workloads.KEY_ID.format(keys=environment.keys) + statement + "\n"
+        script = environment.write_script(f"diagnose_step_{index}", text)
+        measurement = environment.run_pgbench(script, 1, duration)
+        data.append({"step": label, "mean_ms": measurement.mean_ms, "ops_per_second": measurement.ops_per_second,
+                     "errors": measurement.errors, "error_detail": measurement.error_detail})
+        rows.append(_row(label, 1, measurement))
+        progress("diagnose", rows[-1])
+    return data, ("Cost of each step of kv_get alone (1 client; each includes one round trip, see SELECT 1)\n"
+                  + report.format_table(MEASUREMENT_HEADER, rows))
+
+
+def helpers_without_set_clause(environment: BenchEnvironment, clients_list: list[int], duration: float) -> tuple[list, str]:
+    cases = ["get", "set_durable", "incr"]
+    data, rows = [], []
+    with psycopg.connect(environment.database_url, autocommit=True) as connection:
+        helpers = connection.execute(HELPERS_WITH_CONFIG).fetchall()
+
+    def measure(variant: str) -> None:
+        for case in cases:
+            for clients in clients_list:
+                if case in workloads.WRITE_CASES:
+                    environment.execute("CHECKPOINT")
+                script = environment.write_script(f"experiment_{case}", workloads.pgbench_script("functions", case, environment.keys))
+                measurement = environment.run_pgbench(script, clients, duration)
+                data.append({"variant": variant, "case": case, "clients": clients, "ops_per_second": measurement.ops_per_second,
+                             "mean_ms": measurement.mean_ms, "p99_ms": measurement.p99_ms, "errors": measurement.errors})
+                rows.append(_row(f"{workloads.CASE_TITLES[case]}, {variant}", clients, measurement))
+                progress("diagnose", rows[-1])
+
+    measure("as shipped")
+    try:
+        with psycopg.connect(environment.database_url, autocommit=True) as connection:
+            for signature, _ in helpers:
+                connection.execute(f"ALTER FUNCTION {signature} RESET ALL")
+        measure(f"{len(helpers)} helpers without SET")
+    finally:
+        with psycopg.connect(environment.database_url, autocommit=True) as connection:
+            for signature, config in helpers:
+                for setting in config:
+                    name, _, value = setting.partition("=")
+                    connection.execute(f"ALTER FUNCTION {signature} SET {name} = {value}")
+    names = ", ".join(signature.split("(")[0].removeprefix("kvapi_data.") for signature, _ in helpers)
+    return data, (f"kvapi SQL functions with the SET search_path clause removed from the internal helpers "
+                  f"({names})\n" + report.format_table(MEASUREMENT_HEADER, rows))

@@ -1,0 +1,58 @@
+"""The benchmark suite runs end to end at a tiny size, so that it cannot rot.
+
+It starts its own PostgreSQL, kvapi, Litestar, Redis and webdis servers and
+drives them with pgbench, wrk and redis-benchmark for about a second per
+run. Nothing here asserts a speed: only that the run completes and prints
+its table and ratio rows.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import report
+
+REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
+TOOLS = ["pgbench", "wrk", "redis-server", "redis-benchmark", "webdis"]
+COMMAND = [
+    sys.executable, "-m", "bench.run", "--quick", "--duration", "1", "--clients", "1", "--keys", "1000",
+    "--cases", "get,set_durable",
+]
+
+
+@pytest.fixture(scope="module")
+def bench_run() -> subprocess.CompletedProcess:
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    assert missing == [], f"benchmark tools missing from PATH: {missing}; install the Debian packages postgresql-15, wrk, redis-server and webdis"
+    return subprocess.run(COMMAND, cwd=REPOSITORY_ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_bench_run_exits_zero(bench_run):
+    assert bench_run.returncode == 0, bench_run.stderr[-3000:]
+
+
+def test_bench_prints_table_header(bench_run):
+    header = next((line for line in bench_run.stdout.splitlines() if line.startswith("case ")), "")
+    assert header.split() == report.TABLE_COLUMNS
+
+
+@pytest.mark.parametrize("target", ["raw SQL, plain table", "raw SQL, kvapi tables", "kvapi SQL functions",
+                                    "kvapi HTTP", "Litestar constant JSON", "webdis", "Redis"])
+def test_bench_prints_get_row_per_target(bench_run, target):
+    rows = [line for line in bench_run.stdout.splitlines() if line.startswith("get ") and f"  {target}  " in line]
+    assert len(rows) == 1, bench_run.stdout[-3000:]
+
+
+@pytest.mark.parametrize("ratio", [ratio.label for ratio in report.RATIOS])
+def test_bench_prints_ratio_row(bench_run, ratio):
+    rows = [line for line in bench_run.stdout.splitlines() if line.startswith(ratio)]
+    assert len(rows) == 1, bench_run.stdout[-3000:]
+
+
+def test_bench_prints_load_average(bench_run):
+    assert "load average (1, 5, 15 min): start" in bench_run.stdout
