@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -110,3 +111,15 @@ def test_docs_mcp_client_configuration(http_server, http_app):
     calls = [{"action": "set", "key": "configured", "value": True}, {"action": "get", "key": "configured"}]
     session = asyncio.run(run_session(command, configuration["args"], env, calls))
     assert tool_output(session["results"][1]) == {"key": "configured", "found": True, "value": True, "ttl": DEFAULT_TTL}
+
+
+def test_mcp_without_settings_exits_2():
+    env = {name: value for name, value in os.environ.items() if not name.startswith("KVAPI_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "kvapi", "mcp"], stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env, timeout=60,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        "kvapi: missing environment variables KVAPI_URL and KVAPI_APP: set the kvapi server URL and the app id\n"
+    )

@@ -65,7 +65,8 @@ def _settings_from_env(overrides: dict[str, Any]) -> dict[str, Any]:
     """Return client arguments from KVAPI_URL, KVAPI_APP and KVAPI_KEY."""
     missing = [name for name in ("KVAPI_URL", "KVAPI_APP") if not os.environ.get(name)]
     if missing:
-        raise ValueError(f"missing environment variable {' and '.join(missing)}: set the server URL and the app id")
+        noun = "variables" if len(missing) > 1 else "variable"
+        raise ValueError(f"missing environment {noun} {' and '.join(missing)}: set the kvapi server URL and the app id")
     return {
         "base_url": os.environ["KVAPI_URL"],
         "app_id": os.environ["KVAPI_APP"],
