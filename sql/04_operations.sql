@@ -372,6 +372,7 @@ LANGUAGE sql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 RETURN kvapi_data.add_to_counter(p_app_id, p_key, -(p_by::numeric), p_requester);
 
+-- Whether a live key exists.
 CREATE FUNCTION kvapi.kv_exists(p_app_id text, p_key text, p_requester jsonb DEFAULT NULL)
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER

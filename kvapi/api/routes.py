@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 import psycopg
 from litestar import Request, Response, delete, get, head, post, put
+from litestar.params import FromPath, FromQuery
 
 from kvapi import statements
 from kvapi.api import bodies
@@ -129,8 +130,13 @@ def touch_param(touch: str | None) -> str | None:
     raise KvError("KV_INVALID_REQUEST", f"invalid touch {touch!r}: use touch=true for the default TTL or touch=N for N seconds")
 
 
-@get("/v1/{app_id:str}/kv/{key:path}", summary="Read a key", description="`?touch=true|N` also resets an expiring key's TTL.")
-async def get_key(request: Request, touch: str | None = None) -> Response:
+@get(
+    "/v1/{app_id:str}/kv/{key:path}",
+    summary="Read a key",
+    description="200 `{key, value, ttl, version}` with an `ETag`; 404 `{value: null, error}`. "
+    "`?touch=true` resets an expiring key's TTL to the default, `?touch=N` to N seconds.",
+)
+async def get_key(request: Request, touch: FromQuery[str | None] = None) -> Response:
     app_id, key = key_from_scope(request)
     row = await run(request, app_id, statements.GET, {"key": key, "touch": touch_param(touch)})
     value, version, ttl = row
@@ -143,14 +149,20 @@ async def get_key(request: Request, touch: str | None = None) -> Response:
     return json_response(body, headers={"ETag": etag(version)})
 
 
-@head("/v1/{app_id:str}/kv/{key:path}", summary="Check that a key exists")
+@head("/v1/{app_id:str}/kv/{key:path}", summary="Check that a key exists", description="200 when the key exists, else 404; no body.")
 async def head_key(request: Request) -> Response[None]:
     app_id, key = key_from_scope(request)
     (found,) = await run(request, app_id, statements.EXISTS, {"key": key})
     return Response(content=b"", status_code=200 if found else 404)
 
 
-@put("/v1/{app_id:str}/kv/{key:path}", summary="Write a key", status_code=200)
+@put(
+    "/v1/{app_id:str}/kv/{key:path}",
+    summary="Write a key",
+    description="Body `{value, ttl?, keepTtl?, ephemeral?}`; 200 `{key, ttl, version}` with an `ETag`. "
+    "`If-Match: \"<version>\"` makes the write conditional and `If-None-Match: *` create-only (412 otherwise).",
+    status_code=200,
+)
 async def put_key(request: Request) -> Response:
     app_id, key = key_from_scope(request)
     body = bodies.decode(await request.body(), bodies.PutBody, '{"value": ..., "ttl"?, "keepTtl"?, "ephemeral"?}')
@@ -167,7 +179,12 @@ async def put_key(request: Request) -> Response:
     return json_response({"key": key, "ttl": ttl, "version": version}, headers={"ETag": etag(version)})
 
 
-@delete("/v1/{app_id:str}/kv/{key:path}", summary="Delete a key", status_code=200)
+@delete(
+    "/v1/{app_id:str}/kv/{key:path}",
+    summary="Delete a key",
+    description="200 `{deleted}`; `If-Match` makes it conditional (412 otherwise).",
+    status_code=200,
+)
 async def delete_key(request: Request) -> Response:
     app_id, key = key_from_scope(request)
     params = {"key": key, "if_match": parse_if_match(request.headers.get("if-match"))}
@@ -175,7 +192,14 @@ async def delete_key(request: Request) -> Response:
     return json_response({"deleted": deleted})
 
 
-@post("/v1/{app_id:str}/kv/{key:path}", summary="Run setnx, setex, cas, incr, decr, expire, ttl or exists on a key", status_code=200)
+@post(
+    "/v1/{app_id:str}/kv/{key:path}",
+    summary="Run setnx, setex, cas, incr, decr, expire, ttl or exists on a key",
+    description="Body `{op, ...arguments}`. Answers: setnx `{created}`; setex `{key, ttl, version}`; "
+    "cas `{swapped: true}` or 409 `KV_CAS_MISMATCH`; incr and decr `{value}`; expire `{updated}`; "
+    "ttl `{ttl, exists}`; exists `{exists}`.",
+    status_code=200,
+)
 async def post_key(request: Request) -> Response:
     app_id, key = key_from_scope(request)
     op = bodies.decode(
@@ -224,8 +248,14 @@ async def post_key(request: Request) -> Response:
     return json_response({"exists": exists})
 
 
-@post("/v1/{app_id:str}/kv", summary="Run mget or mset", status_code=200)
-async def post_batch(request: Request, app_id: str) -> Response:
+@post(
+    "/v1/{app_id:str}/kv",
+    summary="Run mget or mset",
+    description="`{op: \"mget\", keys}` answers `{values}` (null where missing); "
+    "`{op: \"mset\", entries: {key: value}, ttl?, ephemeral?}` answers `{count}`, all or nothing.",
+    status_code=200,
+)
+async def post_batch(request: Request, app_id: FromPath[str]) -> Response:
     op = bodies.decode(
         await request.body(), bodies.BatchOp,
         '{"op": "mget", "keys": [...]} or {"op": "mset", "entries": {...}, "ttl"?, "ephemeral"?}',
@@ -241,8 +271,14 @@ async def post_batch(request: Request, app_id: str) -> Response:
     return json_response({"count": count})
 
 
-@get("/v1/{app_id:str}/kv", summary="List keys (service key only)")
-async def list_keys(request: Request, app_id: str, prefix: str | None = None, cursor: str | None = None, limit: str | None = None) -> Response:
+@get(
+    "/v1/{app_id:str}/kv",
+    summary="List keys (service key only)",
+    description="200 `{keys: [{key, ttl}], cursor}` in key order; pass `cursor` back for the next page (null on the last).",
+)
+async def list_keys(request: Request, app_id: FromPath[str], prefix: FromQuery[str | None] = None,
+    cursor: FromQuery[str | None] = None, limit: FromQuery[str | None] = None,
+) -> Response:
     if limit is not None and not _LIMIT.fullmatch(limit):
         raise KvError("KV_INVALID_REQUEST", f"invalid limit {limit!r}: expected an integer from 1 to 1000")
     if prefix is not None and "\x00" in prefix:
@@ -252,43 +288,63 @@ async def list_keys(request: Request, app_id: str, prefix: str | None = None, cu
     return Response(content=page, media_type=JSON)
 
 
-@get("/v1/{app_id:str}/kv-rules", summary="List access rules (service key only)")
-async def list_rules(request: Request, app_id: str) -> Response:
+@get("/v1/{app_id:str}/kv-rules", summary="List access rules (service key only)", description="200 `{rules: [{pattern, read, write, order}]}`.")
+async def list_rules(request: Request, app_id: FromPath[str]) -> Response:
     (rules,) = await run(request, app_id, statements.LIST_RULES, {}, service_only=True)
     return Response(content=b'{"rules":' + rules + b"}", media_type=JSON)
 
 
-@put("/v1/{app_id:str}/kv-rules", summary="Expose keys matching a pattern to end users (service key only)", status_code=200)
-async def expose(request: Request, app_id: str) -> Response:
+@put(
+    "/v1/{app_id:str}/kv-rules",
+    summary="Expose keys matching a pattern to end users (service key only)",
+    description="Body `{pattern, read, write}` with roles deny, public, authed or owner; "
+    "409 `KV_EXPOSE_CONFLICT` when the pattern has other roles.",
+    status_code=200,
+)
+async def expose(request: Request, app_id: FromPath[str]) -> Response:
     rule = bodies.decode(await request.body(), bodies.ExposeBody, '{"pattern": ..., "read": ..., "write": ...}')
     params = {"pattern": rule.pattern, "read": rule.read, "write": rule.write}
     await run(request, app_id, statements.EXPOSE, params, service_only=True)
     return json_response({"pattern": rule.pattern, "read": rule.read, "write": rule.write})
 
 
-@delete("/v1/{app_id:str}/kv-rules", summary="Remove the rule of a pattern (service key only)", status_code=200)
-async def unexpose(request: Request, app_id: str, pattern: str | None = None) -> Response:
+@delete(
+    "/v1/{app_id:str}/kv-rules",
+    summary="Remove the rule of a pattern (service key only)",
+    description="200 `{removed}`.",
+    status_code=200,
+)
+async def unexpose(request: Request, app_id: FromPath[str], pattern: FromQuery[str | None] = None) -> Response:
     if not pattern:
         raise KvError("KV_INVALID_REQUEST", "missing pattern: send DELETE /v1/{app_id}/kv-rules?pattern=...")
     (removed,) = await run(request, app_id, statements.UNEXPOSE, {"pattern": pattern}, service_only=True)
     return json_response({"removed": removed})
 
 
-@post("/v1/{app_id:str}/kv-rules/explain", summary="Explain which rule decides for a key and a user (service key only)", status_code=200)
-async def explain(request: Request, app_id: str) -> Response:
+@post(
+    "/v1/{app_id:str}/kv-rules/explain",
+    summary="Explain which rule decides for a key and a user (service key only)",
+    description="Body `{key, user: {id, role?} | null}`; 200 `{key, rule, read, write}`.",
+    status_code=200,
+)
+async def explain(request: Request, app_id: FromPath[str]) -> Response:
     body = bodies.decode(await request.body(), bodies.ExplainBody, '{"key": ..., "user": {"id": ..., "role"?: ...} or null}')
     user = {} if body.user is None else {"id": body.user.id, "role": body.user.role}
     (result,) = await run(request, app_id, statements.EXPLAIN, {"key": body.key, "user": json.dumps(user)}, service_only=True)
     return Response(content=result, media_type=JSON)
 
 
-@get("/v1/{app_id:str}/kv-usage", summary="Live keys and bytes of the app, and its plan's limits (service key only)")
-async def usage(request: Request, app_id: str) -> Response:
+@get(
+    "/v1/{app_id:str}/kv-usage",
+    summary="Live keys and bytes of the app, and its plan's limits (service key only)",
+    description="200 `{keys, bytes, plan}`.",
+)
+async def usage(request: Request, app_id: FromPath[str]) -> Response:
     (result,) = await run(request, app_id, statements.USAGE, {}, service_only=True)
     return Response(content=result, media_type=JSON)
 
 
-@get("/health", summary="Check that the server can reach its database")
+@get("/health", summary="Check that the server can reach its database", description="200 `{status: \"ok\"}`, else 503.")
 async def health(request: Request) -> Response:
     async with request.app.state.pool.connection() as connection:
         await connection.execute(statements.HEALTH)
