@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psycopg
 
-from kvapi import embedded, logs, migrate, purge, statements
+from kvapi import embedded, logs, purge, statements
 from kvapi.api.auth import hash_service_key, load_public_key, new_service_key
 from kvapi.client_cli import register_client_commands
 from kvapi.database import translate_error
@@ -28,6 +28,14 @@ logger = logging.getLogger("kvapi.cli")
 DEFAULT_PORT = 8080
 
 
+def _upgrade(url: str) -> None:
+    # alembic and SQLAlchemy take most of a second to import, so only the
+    # commands that migrate load them.
+    from kvapi import migrate
+
+    migrate.upgrade(url)
+
+
 def _database_url(args: argparse.Namespace) -> str:
     """Return the database URL. The embedded database is migrated here, so
     that any command works on a fresh data folder; a DATABASE_URL server is
@@ -35,7 +43,7 @@ def _database_url(args: argparse.Namespace) -> str:
     if os.environ.get("DATABASE_URL"):
         return os.environ["DATABASE_URL"]
     url = embedded.database_url(args.data_dir)
-    migrate.upgrade(url)
+    _upgrade(url)
     return url
 
 
@@ -45,7 +53,7 @@ def command_serve(args: argparse.Namespace) -> int:
 
     url = _database_url(args)
     if os.environ.get("DATABASE_URL"):
-        migrate.upgrade(url)
+        _upgrade(url)
     with psycopg.connect(url, autocommit=True) as connection:
         cron = purge.schedule_cron_job(connection)
     os.environ["DATABASE_URL"] = url
@@ -74,7 +82,7 @@ def command_serve(args: argparse.Namespace) -> int:
 def command_migrate(args: argparse.Namespace) -> int:
     url = _database_url(args)
     if os.environ.get("DATABASE_URL"):
-        migrate.upgrade(url)
+        _upgrade(url)
     return 0
 
 

@@ -234,8 +234,7 @@ def command_export(client: KV, args: argparse.Namespace) -> int:
 
     `ttl` is the seconds left when the key was listed, and `expires_at` the
     matching Unix time (None when the key never expires), so that an import
-    can restore the original expiry however late it runs. The HTTP API
-    reports no key's tier, so "ephemeral" is null (unknown).
+    can restore the original expiry however late it runs.
     """
     # NOTE: a key deleted between the listing and its mget is left out,
     # and one written in between is exported with its newer value.
@@ -252,7 +251,7 @@ def command_export(client: KV, args: argparse.Namespace) -> int:
                 if value is None:
                     continue
                 expires_at = None if info.ttl is None else round(listed_at + info.ttl, 3)
-                _print_json({"key": info.key, "value": value, "ttl": info.ttl, "expires_at": expires_at, "ephemeral": None})
+                _print_json({"key": info.key, "value": value, "ttl": info.ttl, "expires_at": expires_at, "ephemeral": info.ephemeral})
             progress.update(len(page.keys))
             if page.cursor is None:
                 return EXIT_OK

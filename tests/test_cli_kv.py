@@ -327,7 +327,8 @@ def test_export_then_import_into_second_server(cli, kv, http_server, http_app, s
     lines = [json.loads(line) for line in exported.stdout.splitlines()]
     assert len(lines) == 1506
     by_key = {line["key"]: line for line in lines}
-    assert by_key["forever"] == {"key": "forever", "value": [1], "ttl": None, "expires_at": None, "ephemeral": None}
+    assert by_key["forever"] == {"key": "forever", "value": [1], "ttl": None, "expires_at": None, "ephemeral": False}
+    assert by_key["volatile"]["ephemeral"] is True
     assert by_key["big"]["value"] == 123456789012345678901234567890
     assert by_key["nested/key?#%"]["value"] == EXPORTED["nested/key?#%"]
     assert_ttl_near(by_key["short"]["ttl"], 300, started)
@@ -349,6 +350,8 @@ def test_export_then_import_into_second_server(cli, kv, http_server, http_app, s
             batch = source_keys[start:start + 1000]
             assert copy.mget(batch) == kv.mget(batch)
         assert copy.ttl("bulk:01499") is None
+        tiers = {info.key: info.ephemeral for info in copy.list_page(prefix="f", limit=10).keys + copy.list_page(prefix="v", limit=10).keys}
+        assert tiers == {"forever": False, "volatile": True}
 
     source_expiry = expiry_times(http_server.database_url, http_app.app_id)
     copied_expiry = expiry_times(second_server.database_url, target.app_id)

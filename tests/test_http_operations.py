@@ -821,7 +821,7 @@ def test_list_keys_with_ttl(client, http_app):
     response = client.get(f"/v1/{app_id}/kv")
 
     assert response.status_code == 200
-    assert response.json() == {"keys": [{"key": "a", "ttl": 50}, {"key": "b", "ttl": None}], "cursor": None}
+    assert response.json() == {"keys": [{"key": "a", "ttl": 50, "ephemeral": False}, {"key": "b", "ttl": None, "ephemeral": False}], "cursor": None}
 
 
 def test_list_prefix(client, http_app):
@@ -833,7 +833,11 @@ def test_list_prefix(client, http_app):
 
     assert response.status_code == 200
     assert response.json() == {
-        "keys": [{"key": "user:", "ttl": None}, {"key": "user:1", "ttl": None}, {"key": "user:2", "ttl": None}],
+        "keys": [
+            {"key": "user:", "ttl": None, "ephemeral": False},
+            {"key": "user:1", "ttl": None, "ephemeral": False},
+            {"key": "user:2", "ttl": None, "ephemeral": False},
+        ],
         "cursor": None,
     }
 
@@ -844,7 +848,7 @@ def test_list_skips_expired(client, http_app, database):
     client.put(key_path(app_id, "dead"), json={"value": 1, "ttl": 60, "ephemeral": True})
     expire_now(database, app_id, "dead")
 
-    assert client.get(f"/v1/{app_id}/kv").json() == {"keys": [{"key": "live", "ttl": None}], "cursor": None}
+    assert client.get(f"/v1/{app_id}/kv").json() == {"keys": [{"key": "live", "ttl": None, "ephemeral": False}], "cursor": None}
 
 
 def test_list_pages_visit_each_once(client, http_app):
@@ -1120,11 +1124,12 @@ def test_tier_move_leaves_one_row(client, http_app, database):
     client.put(path, json={"value": "durable", "ephemeral": False})
     assert tier_rows(database, app_id, "k") == {"entries": 1, "ephemeral_entries": 0}
     assert client.get(path).json()["value"] == "durable"
-    assert client.get(f"/v1/{app_id}/kv").json() == {"keys": [{"key": "k", "ttl": DEFAULT_TTL}], "cursor": None}
+    assert client.get(f"/v1/{app_id}/kv").json() == {"keys": [{"key": "k", "ttl": DEFAULT_TTL, "ephemeral": False}], "cursor": None}
 
     client.put(path, json={"value": "back", "ephemeral": True})
     assert tier_rows(database, app_id, "k") == {"entries": 0, "ephemeral_entries": 1}
     assert client.get(path).json()["value"] == "back"
+    assert client.get(f"/v1/{app_id}/kv").json() == {"keys": [{"key": "k", "ttl": DEFAULT_TTL, "ephemeral": True}], "cursor": None}
     assert client.delete(path).json() == {"deleted": True}
     assert tier_rows(database, app_id, "k") == {"entries": 0, "ephemeral_entries": 0}
 
@@ -1136,4 +1141,4 @@ def test_tier_move_by_mset(client, http_app, database):
     client.post(f"/v1/{app_id}/kv", json={"op": "mset", "entries": {"k": 2}})
 
     assert tier_rows(database, app_id, "k") == {"entries": 1, "ephemeral_entries": 0}
-    assert client.get(f"/v1/{app_id}/kv").json()["keys"] == [{"key": "k", "ttl": DEFAULT_TTL}]
+    assert client.get(f"/v1/{app_id}/kv").json()["keys"] == [{"key": "k", "ttl": DEFAULT_TTL, "ephemeral": False}]

@@ -887,14 +887,14 @@ def test_list_prefix_in_key_order(kv):
 def test_list_null_prefix_lists_all(kv):
     kv.set("a", "1")
 
-    assert kv.list(None)["keys"] == [{"key": "a", "ttl": DEFAULT_TTL}]
+    assert kv.list(None)["keys"] == [{"key": "a", "ttl": DEFAULT_TTL, "ephemeral": False}]
 
 
 def test_list_reports_ttls(kv):
     kv.set("a", "1", "50")
     kv.set("b", "1", "null", ephemeral=True)
 
-    assert kv.list() == {"keys": [{"key": "a", "ttl": 50}, {"key": "b", "ttl": None}], "cursor": None}
+    assert kv.list() == {"keys": [{"key": "a", "ttl": 50, "ephemeral": False}, {"key": "b", "ttl": None, "ephemeral": True}], "cursor": None}
 
 
 def test_list_utf8_byte_order(kv):
@@ -954,12 +954,12 @@ def test_list_limit_bounds(kv):
     kv.scalar("SELECT kvapi.kv_mset(%s, %s, 'null')", [kv.app_id, Jsonb({f"k{i:04}": i for i in range(1000)})])
     kv.set("k1000", "1", "null")
 
-    assert kv.list("", None, 1)["keys"] == [{"key": "k0000", "ttl": None}]
+    assert kv.list("", None, 1)["keys"] == [{"key": "k0000", "ttl": None, "ephemeral": False}]
     page = kv.list("", None, 1000)
     assert len(page["keys"]) == 1000
-    assert page["keys"][-1] == {"key": "k0999", "ttl": None}
+    assert page["keys"][-1] == {"key": "k0999", "ttl": None, "ephemeral": False}
     assert page["cursor"] is not None
-    assert kv.list("", page["cursor"], 1000) == {"keys": [{"key": "k1000", "ttl": None}], "cursor": None}
+    assert kv.list("", page["cursor"], 1000) == {"keys": [{"key": "k1000", "ttl": None, "ephemeral": False}], "cursor": None}
 
 
 @pytest.mark.parametrize("limit", [0, -1, 1001, None])

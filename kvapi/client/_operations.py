@@ -67,10 +67,12 @@ class Entry:
 
 @dataclass(frozen=True)
 class KeyInfo:
-    """A listed key with its remaining TTL in seconds (None: no expiry)."""
+    """A listed key with its remaining TTL in seconds (None: no expiry) and
+    its tier."""
 
     key: str
     ttl: int | None
+    ephemeral: bool = False
 
 
 @dataclass(frozen=True)
@@ -261,7 +263,7 @@ def _parse_cas(response: httpx.Response) -> bool:
 
 def _parse_page(response: httpx.Response) -> Page:
     body = checked_json(response)
-    return Page([KeyInfo(item["key"], item["ttl"]) for item in body["keys"]], body["cursor"])
+    return Page([KeyInfo(item["key"], item["ttl"], item.get("ephemeral", False)) for item in body["keys"]], body["cursor"])
 
 
 def _parse_explanation(response: httpx.Response) -> Explanation:

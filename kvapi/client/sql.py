@@ -167,7 +167,7 @@ class SqlKV:
     def list_page(self, *, prefix: str | None = None, cursor: str | None = None, limit: int | None = None) -> Page:
         """Return one Page of keys in byte order, starting after `cursor`."""
         (page,) = self._row(statements.LIST, prefix=prefix or "", cursor=cursor, limit=100 if limit is None else limit)
-        return Page([KeyInfo(item["key"], item["ttl"]) for item in page["keys"]], page["cursor"])
+        return Page([KeyInfo(item["key"], item["ttl"], item["ephemeral"]) for item in page["keys"]], page["cursor"])
 
     def list(self, prefix: str | None = None, limit: int | None = None) -> Iterator[str]:
         """Iterate over every live key (with `prefix`) in byte order, in pages of `limit` keys."""

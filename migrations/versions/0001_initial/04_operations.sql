@@ -573,7 +573,8 @@ END
 $$;
 
 -- One page of live keys in byte order, as
--- {"keys": [{"key": ..., "ttl": ...}], "cursor": next page or null}.
+-- {"keys": [{"key", "ttl", "ephemeral"}], "cursor": next page or null}.
+-- The tier is listed so that exports can restore it.
 -- Paging is by key, so a key present for the whole listing appears exactly
 -- once. p_limit is 1 to 1000. For trusted callers only (no p_requester).
 CREATE FUNCTION kvapi.kv_list(p_app_id text, p_prefix text DEFAULT '',
@@ -614,16 +615,16 @@ BEGIN
     END IF;
 
     WITH page AS (
-        SELECT u.key, u.expires_at
+        SELECT u.key, u.expires_at, u.ephemeral
         FROM (
-            (SELECT d.key, d.expires_at FROM kvapi_data.entries d
+            (SELECT d.key, d.expires_at, false AS ephemeral FROM kvapi_data.entries d
              WHERE d.app_id = p_app_id AND d.key >= v_prefix
                AND (v_upper IS NULL OR d.key < v_upper)
                AND (v_after IS NULL OR d.key > v_after)
                AND (d.expires_at IS NULL OR d.expires_at > v_now)
              ORDER BY d.key LIMIT p_limit + 1)
             UNION ALL
-            (SELECT e.key, e.expires_at FROM kvapi_data.ephemeral_entries e
+            (SELECT e.key, e.expires_at, true AS ephemeral FROM kvapi_data.ephemeral_entries e
              WHERE e.app_id = p_app_id AND e.key >= v_prefix
                AND (v_upper IS NULL OR e.key < v_upper)
                AND (v_after IS NULL OR e.key > v_after)
@@ -633,7 +634,8 @@ BEGIN
         ORDER BY u.key
         LIMIT p_limit + 1
     )
-    SELECT coalesce(jsonb_agg(jsonb_build_object('key', n.key, 'ttl', kvapi_data.ttl_remaining(n.expires_at, v_now))
+    SELECT coalesce(jsonb_agg(jsonb_build_object('key', n.key, 'ttl', kvapi_data.ttl_remaining(n.expires_at, v_now),
+                                                 'ephemeral', n.ephemeral)
                               ORDER BY n.key) FILTER (WHERE n.rank <= p_limit), '[]'::jsonb),
            count(*),
            max(n.key) FILTER (WHERE n.rank = p_limit)
