@@ -274,7 +274,7 @@ async def post_batch(request: Request, app_id: FromPath[str]) -> Response:
 @get(
     "/v1/{app_id:str}/kv",
     summary="List keys (service key only)",
-    description="200 `{keys: [{key, ttl}], cursor}` in key order; pass `cursor` back for the next page (null on the last).",
+    description="200 `{keys: [{key, ttl, ephemeral}], cursor}` in key order; pass `cursor` back for the next page (null on the last).",
 )
 async def list_keys(request: Request, app_id: FromPath[str], prefix: FromQuery[str | None] = None,
     cursor: FromQuery[str | None] = None, limit: FromQuery[str | None] = None,
