@@ -63,11 +63,11 @@ def database(http_server) -> Iterator[psycopg.Connection]:
 
 
 def set_plan(database: psycopg.Connection, app: App, *, ops_per_second: int | None,
-             max_keys: int | None = None) -> None:
+             max_keys: int | None = None, max_value_bytes: int = UNLIMITED_VALUE_BYTES) -> None:
     """Create or change the app's own plan (named after the app) and move the app to it."""
     database.execute(
         "SELECT kvapi.plan_set(%s, %s, p_max_keys => %s, p_ops_per_second => %s)",
-        [app.app_id, UNLIMITED_VALUE_BYTES, max_keys, ops_per_second],
+        [app.app_id, max_value_bytes, max_keys, ops_per_second],
     )
     database.execute("SELECT kvapi.app_set_plan(%s, %s)", [app.app_id, app.app_id])
 
@@ -255,6 +255,28 @@ def test_throttled_incr_does_not_increment(http_server, database):
     assert [response.json()["value"] for response in responses if response.status_code == 200] == list(
         range(1, accepted + 1)
     )
+
+
+@pytest.mark.parametrize("failure", ["keys_exhausted", "value_too_large"])
+def test_failed_writes_count_against_rate(http_server, database, failure):
+    """Every call counts against the plan's operations per second, as the
+    contract of the SQL functions states, so requests that fail are throttled too.
+
+    NOTE: this fails while check_rate records a request in the same
+    transaction as the operation, so an operation that raises rolls the
+    record back."""
+    app = create_app(http_server.database_url)
+    set_plan(database, app, ops_per_second=5, max_keys=1, max_value_bytes=10)
+
+    with service_client(http_server, app) as client:
+        assert client.put(key_path(app.app_id, "k0"), json={"value": 1}).status_code == 200
+        if failure == "keys_exhausted":
+            responses = [client.put(key_path(app.app_id, f"k{index}"), json={"value": 1}) for index in range(1, 21)]
+        else:
+            responses = [client.put(key_path(app.app_id, "k0"), json={"value": "x" * 10}) for _ in range(20)]
+
+    statuses = [response.status_code for response in responses]
+    assert statuses.count(429) >= 10, statuses
 
 
 def test_retry_after_is_long_enough(http_server, database):
