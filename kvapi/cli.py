@@ -87,21 +87,11 @@ def command_migrate(args: argparse.Namespace) -> int:
 
 
 def command_apps_create(args: argparse.Namespace) -> int:
-    url = _database_url(args)
     service_key = new_service_key()
     jwt_secret = secrets.token_urlsafe(32)
-    with psycopg.connect(url, autocommit=True) as connection:
-        try:
-            connection.execute(
-                statements.CREATE_APP,
-                {"app_id": args.name, "key_hash": hash_service_key(service_key), "jwt_secret": jwt_secret},
-            )
-        except psycopg.Error as error:
-            translated = translate_error(error)
-            if translated is None:
-                raise
-            print(f"kvapi: {translated.message}", file=sys.stderr)
-            return 1
+    params = {"app_id": args.name, "key_hash": hash_service_key(service_key), "jwt_secret": jwt_secret}
+    if _run_app_statement(args, statements.CREATE_APP, params) is None:
+        return 1
     logger.info("app created", extra={"event": "apps.create", "app_id": args.name})
     result = {"app_id": args.name, "service_key": service_key, "jwt_secret": jwt_secret}
     if args.json:
@@ -114,18 +104,18 @@ def command_apps_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_app_statement(args: argparse.Namespace, statement: str, params: dict) -> int:
-    """Run an app administration statement; print a registered error and return 1."""
+def _run_app_statement(args: argparse.Namespace, statement: str, params: dict) -> tuple | None:
+    """Run an administration statement and return its row, or print the
+    registered error and return None."""
     with psycopg.connect(_database_url(args), autocommit=True) as connection:
         try:
-            connection.execute(statement, params)
+            return connection.execute(statement, params).fetchone()
         except psycopg.Error as error:
             translated = translate_error(error)
             if translated is None:
                 raise
             print(f"kvapi: {translated.message}", file=sys.stderr)
-            return 1
-    return 0
+            return None
 
 
 def command_apps_add_key(args: argparse.Namespace) -> int:
@@ -136,31 +126,25 @@ def command_apps_add_key(args: argparse.Namespace) -> int:
         print(f"kvapi: {error} in {args.public_key_file}", file=sys.stderr)
         return 1
     params = {"app_id": args.app, "algorithm": args.algorithm, "public_key": public_key}
-    status = _run_app_statement(args, statements.ADD_JWT_KEY, params)
-    if status == 0:
-        logger.info("token key added", extra={"event": "apps.add_key", "app_id": args.app, "algorithm": args.algorithm})
-    return status
+    if _run_app_statement(args, statements.ADD_JWT_KEY, params) is None:
+        return 1
+    logger.info("token key added", extra={"event": "apps.add_key", "app_id": args.app, "algorithm": args.algorithm})
+    return 0
 
 
 def command_apps_grant_role(args: argparse.Namespace) -> int:
-    status = _run_app_statement(args, statements.GRANT_ROLE, {"app_id": args.app, "role": args.role})
-    if status == 0:
-        logger.info("role bound to app", extra={"event": "apps.grant_role", "app_id": args.app, "role": args.role})
-    return status
+    if _run_app_statement(args, statements.GRANT_ROLE, {"app_id": args.app, "role": args.role}) is None:
+        return 1
+    logger.info("role bound to app", extra={"event": "apps.grant_role", "app_id": args.app, "role": args.role})
+    return 0
 
 
 def _print_json_result(args: argparse.Namespace, statement: str, params: dict) -> int:
     """Run a statement that returns one jsonb value and print it."""
-    with psycopg.connect(_database_url(args), autocommit=True) as connection:
-        try:
-            (result,) = connection.execute(statement, params).fetchone()
-        except psycopg.Error as error:
-            translated = translate_error(error)
-            if translated is None:
-                raise
-            print(f"kvapi: {translated.message}", file=sys.stderr)
-            return 1
-    print(json.dumps(result, indent=2))
+    row = _run_app_statement(args, statement, params)
+    if row is None:
+        return 1
+    print(json.dumps(row[0], indent=2))
     return 0
 
 
@@ -169,10 +153,10 @@ def command_apps_usage(args: argparse.Namespace) -> int:
 
 
 def command_apps_set_plan(args: argparse.Namespace) -> int:
-    status = _run_app_statement(args, statements.SET_PLAN, {"app_id": args.app, "plan_id": args.plan})
-    if status == 0:
-        logger.info("app plan changed", extra={"event": "apps.set_plan", "app_id": args.app, "plan_id": args.plan})
-    return status
+    if _run_app_statement(args, statements.SET_PLAN, {"app_id": args.app, "plan_id": args.plan}) is None:
+        return 1
+    logger.info("app plan changed", extra={"event": "apps.set_plan", "app_id": args.app, "plan_id": args.plan})
+    return 0
 
 
 def command_plans_list(args: argparse.Namespace) -> int:
@@ -188,10 +172,10 @@ def command_plans_set(args: argparse.Namespace) -> int:
         "max_total_bytes": args.max_total_bytes,
         "ops_per_second": args.ops_per_second,
     }
-    status = _run_app_statement(args, statements.PLAN_SET, params)
-    if status == 0:
-        logger.info("plan saved", extra={"event": "plans.set", "plan_id": args.name})
-    return status
+    if _run_app_statement(args, statements.PLAN_SET, params) is None:
+        return 1
+    logger.info("plan saved", extra={"event": "plans.set", "plan_id": args.name})
+    return 0
 
 
 def _limit(text: str) -> int | None:

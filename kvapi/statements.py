@@ -74,6 +74,8 @@ LIST_RULES = "SELECT kvapi.kv_list_rules(%(app_id)s)"
 
 EXPLAIN = "SELECT kvapi.kv_explain(%(app_id)s, %(key)s, %(user)s::jsonb)"
 
+COUNT_REQUEST = "SELECT kvapi.kv_count_request(%(app_id)s)"
+
 USAGE = "SELECT kvapi.kv_usage(%(app_id)s)"
 
 PURGE_BATCH = "SELECT kvapi.kv_purge_batch(%(batch_size)s)"

@@ -14,7 +14,7 @@ LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_shard smallint := pg_backend_pid() % 32;
+    v_shard integer := pg_backend_pid();
 BEGIN
     IF p_keys = 0 AND p_bytes = 0 THEN
         RETURN;
@@ -94,7 +94,9 @@ END
 $$;
 
 -- Count one request against the app's operations per second, or raise
--- KVRAT (with retry_after in DETAIL) and count nothing. The estimate is
+-- KVRAT (with retry_after in DETAIL) and count nothing. The count is part of
+-- the caller's transaction, so an operation that fails afterwards takes it
+-- back (kvapi.kv_count_request restores it for the HTTP API). The estimate is
 -- previous * (1 - elapsed) + current, where elapsed is the fraction of the
 -- current second that has passed.
 CREATE FUNCTION kvapi_data.check_rate(p_app_id text, p_ops_per_second integer) RETURNS void
@@ -137,7 +139,26 @@ BEGIN
     END IF;
 
     INSERT INTO kvapi_data.rate_windows AS w (app_id, window_start, shard, requests)
-    VALUES (p_app_id, v_window, pg_backend_pid() % 32, 1)
+    VALUES (p_app_id, v_window, pg_backend_pid(), 1)
+    ON CONFLICT (app_id, window_start, shard) DO UPDATE SET requests = w.requests + 1;
+END
+$$;
+
+-- Count one request of p_app_id without checking the limit. The HTTP server
+-- calls it after an operation failed, because the failed operation's own
+-- count was rolled back with it and failing requests must be throttled too.
+CREATE FUNCTION kvapi.kv_count_request(p_app_id text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM kvapi_data.check_caller(p_app_id);
+    IF (SELECT p.ops_per_second FROM kvapi_data.apps a JOIN kvapi_data.plans p ON p.plan_id = a.plan_id
+        WHERE a.app_id = p_app_id) IS NULL THEN
+        RETURN;
+    END IF;
+    INSERT INTO kvapi_data.rate_windows AS w (app_id, window_start, shard, requests)
+    VALUES (p_app_id, floor(extract(epoch FROM clock_timestamp())), pg_backend_pid(), 1)
     ON CONFLICT (app_id, window_start, shard) DO UPDATE SET requests = w.requests + 1;
 END
 $$;

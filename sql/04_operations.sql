@@ -344,6 +344,8 @@ BEGIN
             HINT = 'Counters hold values from -9223372036854775808 to 9223372036854775807.';
     END IF;
 
+    -- A counter's text grows with its value, so it can cross the value limit.
+    PERFORM kvapi_data.check_value(to_jsonb(v_result), p_key, v_plan);
     PERFORM kvapi_data.check_quota(v_plan, p_app_id, v_now, CASE WHEN v_found THEN 0 ELSE 1 END,
                                    kvapi_data.entry_size(p_key, to_jsonb(v_result)) - coalesce(v_row.size_bytes, 0));
     PERFORM kvapi_data.write_entry(p_app_id, p_key, to_jsonb(v_result), v_expires_at,

@@ -11,7 +11,7 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_now timestamptz := clock_timestamp();
-    v_shard smallint := pg_backend_pid() % 32;
+    v_shard integer := pg_backend_pid();
     v_durable integer;
     v_ephemeral integer;
 BEGIN
@@ -61,10 +61,38 @@ BEGIN
     )
     SELECT coalesce(sum(per_app.keys), 0) INTO v_ephemeral FROM per_app;
 
+    -- Fold the counter rows of sessions that are not writing now into
+    -- shard 0, so the rows do not pile up as sessions come and go.
+    PERFORM kvapi_data.compact_usage('kvapi_data.usage_counters');
+    PERFORM kvapi_data.compact_usage('kvapi_data.ephemeral_usage_counters');
+
     -- Rate windows older than the previous second are never read again.
     DELETE FROM kvapi_data.rate_windows w WHERE w.window_start < floor(extract(epoch FROM v_now)) - 2;
 
     RETURN v_durable + v_ephemeral;
+END
+$$;
+
+-- Move the rows of p_table (a usage counter table) that no transaction
+-- holds into shard 0. Rows in use are skipped, never waited for.
+CREATE FUNCTION kvapi_data.compact_usage(p_table regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    EXECUTE format($sql$
+        WITH idle AS (
+            SELECT c.app_id, c.shard FROM %1$s c WHERE c.shard <> 0
+            LIMIT 10000 FOR UPDATE SKIP LOCKED
+        ), moved AS (
+            DELETE FROM %1$s c USING idle
+            WHERE c.app_id = idle.app_id AND c.shard = idle.shard
+            RETURNING c.app_id, c.keys, c.bytes
+        )
+        INSERT INTO %1$s AS c (app_id, shard, keys, bytes)
+        SELECT moved.app_id, 0, sum(moved.keys), sum(moved.bytes) FROM moved GROUP BY moved.app_id
+        ON CONFLICT (app_id, shard) DO UPDATE SET keys = c.keys + excluded.keys, bytes = c.bytes + excluded.bytes
+    $sql$, p_table);
 END
 $$;
 

@@ -127,7 +127,6 @@ def test_value_size_stored_text_http(client, http_app, use_plan):
 
 
 def test_counter_growth_past_size_http(client, http_app, use_plan):
-    # NOTE: this fails while kv_incr skips the value size check.
     use_plan(max_value_bytes=2)
     app = http_app.app_id
     assert put(client, app, "counter", 98).status_code == 200

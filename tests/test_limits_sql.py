@@ -859,11 +859,7 @@ def test_writers_of_one_shard_do_not_wait(kv, shared_url):
 
 
 def test_writers_of_one_shard_do_not_deadlock(kv, shared_url):
-    """Two transactions that write four distinct keys in both tiers.
-
-    NOTE: this fails while add_usage locks the durable and the ephemeral
-    counter row of a shard in the order the writes come, so two sessions
-    of one shard can lock them in opposite orders."""
+    """Two transactions that write four distinct keys in both tiers."""
     kv.use_plan(max_keys=100)
     errors: list[BaseException] = []
 

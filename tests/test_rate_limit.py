@@ -260,11 +260,7 @@ def test_throttled_incr_does_not_increment(http_server, database):
 @pytest.mark.parametrize("failure", ["keys_exhausted", "value_too_large"])
 def test_failed_writes_count_against_rate(http_server, database, failure):
     """Every call counts against the plan's operations per second, as the
-    contract of the SQL functions states, so requests that fail are throttled too.
-
-    NOTE: this fails while check_rate records a request in the same
-    transaction as the operation, so an operation that raises rolls the
-    record back."""
+    contract of the SQL functions states, so requests that fail are throttled too."""
     app = create_app(http_server.database_url)
     set_plan(database, app, ops_per_second=5, max_keys=1, max_value_bytes=10)
 

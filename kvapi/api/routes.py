@@ -8,6 +8,7 @@ as bytes with msgspec, copying stored JSON values through unparsed.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from typing import Any
 
@@ -22,6 +23,8 @@ from kvapi.api.auth import CredentialCache, parse_authorization
 from kvapi.api.keypath import APP_ID_SCOPE, KEY_ERROR_SCOPE, KEY_SCOPE
 from kvapi.database import translate_error
 from kvapi.errors import KvError
+
+logger = logging.getLogger(__name__)
 
 JSON = "application/json"
 # p_requester of an anonymous request; see kvapi_data.check_access.
@@ -83,7 +86,20 @@ def key_from_scope(request: Request) -> tuple[str, str]:
     return request.scope[APP_ID_SCOPE], key
 
 
-async def run(request: Request, app_id: str, statement: str, params: dict[str, Any], *, service_only: bool = False) -> tuple[Any, ...] | None:
+# Failures that happen before the SQL function counts the request, or that
+# are the rate limit itself, are not counted again.
+_UNCOUNTED_FAILURES = frozenset({"KV_RATE_LIMITED", "KV_APP_NOT_FOUND", "KV_UNAUTHORIZED"})
+
+
+async def run(
+    request: Request,
+    app_id: str,
+    statement: str,
+    params: dict[str, Any],
+    *,
+    service_only: bool = False,
+    rate_limited: bool = True,
+) -> tuple[Any, ...] | None:
     """Authenticate the request for app_id, run one statement, and return its row.
 
     Service keys run the statement as a trusted caller. End users and
@@ -117,7 +133,22 @@ async def run(request: Request, app_id: str, statement: str, params: dict[str, A
                 raise
             if service_only and translated.code == "KV_UNAUTHORIZED" and not credentials.is_service:
                 raise KvError("KV_UNAUTHORIZED", "this route needs a service key: send Authorization: Bearer <service key>") from None
+            if rate_limited and translated.code not in _UNCOUNTED_FAILURES:
+                await count_failed_request(connection, app_id, translated.code)
             raise translated from None
+
+
+async def count_failed_request(connection: psycopg.AsyncConnection, app_id: str, code: str) -> None:
+    """Count a failed operation against the rate limit: its own count was
+    rolled back with it. A failure to count is logged, not raised, so the
+    client still gets the operation's error."""
+    try:
+        await connection.execute(statements.COUNT_REQUEST, {"app_id": app_id})
+    except psycopg.Error as error:
+        logger.warning(
+            "failed to count a failed request against the rate limit",
+            extra={"event": "request.count_failed", "app_id": app_id, "code": code, "error": str(error)},
+        )
 
 
 def touch_param(touch: str | None) -> str | None:
@@ -290,7 +321,7 @@ async def list_keys(request: Request, app_id: FromPath[str], prefix: FromQuery[s
 
 @get("/v1/{app_id:str}/kv-rules", summary="List access rules (service key only)", description="200 `{rules: [{pattern, read, write, order}]}`.")
 async def list_rules(request: Request, app_id: FromPath[str]) -> Response:
-    (rules,) = await run(request, app_id, statements.LIST_RULES, {}, service_only=True)
+    (rules,) = await run(request, app_id, statements.LIST_RULES, {}, service_only=True, rate_limited=False)
     return Response(content=b'{"rules":' + rules + b"}", media_type=JSON)
 
 
@@ -304,7 +335,7 @@ async def list_rules(request: Request, app_id: FromPath[str]) -> Response:
 async def expose(request: Request, app_id: FromPath[str]) -> Response:
     rule = bodies.decode(await request.body(), bodies.ExposeBody, '{"pattern": ..., "read": ..., "write": ...}')
     params = {"pattern": rule.pattern, "read": rule.read, "write": rule.write}
-    await run(request, app_id, statements.EXPOSE, params, service_only=True)
+    await run(request, app_id, statements.EXPOSE, params, service_only=True, rate_limited=False)
     return json_response({"pattern": rule.pattern, "read": rule.read, "write": rule.write})
 
 
@@ -317,7 +348,7 @@ async def expose(request: Request, app_id: FromPath[str]) -> Response:
 async def unexpose(request: Request, app_id: FromPath[str], pattern: FromQuery[str | None] = None) -> Response:
     if not pattern:
         raise KvError("KV_INVALID_REQUEST", "missing pattern: send DELETE /v1/{app_id}/kv-rules?pattern=...")
-    (removed,) = await run(request, app_id, statements.UNEXPOSE, {"pattern": pattern}, service_only=True)
+    (removed,) = await run(request, app_id, statements.UNEXPOSE, {"pattern": pattern}, service_only=True, rate_limited=False)
     return json_response({"removed": removed})
 
 
@@ -330,7 +361,7 @@ async def unexpose(request: Request, app_id: FromPath[str], pattern: FromQuery[s
 async def explain(request: Request, app_id: FromPath[str]) -> Response:
     body = bodies.decode(await request.body(), bodies.ExplainBody, '{"key": ..., "user": {"id": ..., "role"?: ...} or null}')
     user = {} if body.user is None else {"id": body.user.id, "role": body.user.role}
-    (result,) = await run(request, app_id, statements.EXPLAIN, {"key": body.key, "user": json.dumps(user)}, service_only=True)
+    (result,) = await run(request, app_id, statements.EXPLAIN, {"key": body.key, "user": json.dumps(user)}, service_only=True, rate_limited=False)
     return Response(content=result, media_type=JSON)
 
 
@@ -340,7 +371,7 @@ async def explain(request: Request, app_id: FromPath[str]) -> Response:
     description="200 `{keys, bytes, plan}`.",
 )
 async def usage(request: Request, app_id: FromPath[str]) -> Response:
-    (result,) = await run(request, app_id, statements.USAGE, {}, service_only=True)
+    (result,) = await run(request, app_id, statements.USAGE, {}, service_only=True, rate_limited=False)
     return Response(content=result, media_type=JSON)
 
 

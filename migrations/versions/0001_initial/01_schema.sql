@@ -110,14 +110,15 @@ CREATE INDEX ephemeral_entries_app_expires_at_idx
     ON kvapi_data.ephemeral_entries (app_id, expires_at) INCLUDE (size_bytes) WHERE expires_at IS NOT NULL;
 
 -- Rows and bytes stored per app, including expired rows the purge has not
--- removed yet. Each database session adds its changes to its own shard
--- (pg_backend_pid() modulo the shard count), so concurrent writers of one
--- app never wait on one counter row; a reader sums the shards. Counters of
--- the ephemeral tier are UNLOGGED, so a crash empties them together with
--- the rows they count.
+-- removed yet. Each database session adds its changes to a row of its own
+-- (shard = pg_backend_pid(), unique among live sessions), so writers never
+-- wait on each other's counter rows and cannot deadlock on them; a reader
+-- sums the rows. The purge folds rows of finished transactions into shard 0.
+-- Counters of the ephemeral tier are UNLOGGED, so a crash empties them
+-- together with the rows they count.
 CREATE TABLE kvapi_data.usage_counters (
     app_id text NOT NULL,
-    shard  smallint NOT NULL,
+    shard  integer NOT NULL,
     keys   bigint NOT NULL,
     bytes  bigint NOT NULL,
     PRIMARY KEY (app_id, shard)
@@ -125,19 +126,19 @@ CREATE TABLE kvapi_data.usage_counters (
 
 CREATE UNLOGGED TABLE kvapi_data.ephemeral_usage_counters (
     app_id text NOT NULL,
-    shard  smallint NOT NULL,
+    shard  integer NOT NULL,
     keys   bigint NOT NULL,
     bytes  bigint NOT NULL,
     PRIMARY KEY (app_id, shard)
 );
 
--- Requests per app and second, sharded like the usage counters, for the
+-- Requests per app, second and session, like the usage counters, for the
 -- sliding-window rate limit. Losing them in a crash only forgets at most
 -- two seconds of history, so they are UNLOGGED.
 CREATE UNLOGGED TABLE kvapi_data.rate_windows (
     app_id       text NOT NULL,
     window_start bigint NOT NULL,
-    shard        smallint NOT NULL,
+    shard        integer NOT NULL,
     requests     integer NOT NULL,
     PRIMARY KEY (app_id, window_start, shard)
 );

@@ -37,5 +37,5 @@ GRANT EXECUTE ON FUNCTION
     TO kvapi_client;
 GRANT EXECUTE ON FUNCTION
     kvapi.app_authenticate, kvapi.app_jwt_keys, kvapi.kv_expose, kvapi.kv_unexpose,
-    kvapi.kv_list_rules, kvapi.kv_explain, kvapi.kv_purge_batch
+    kvapi.kv_list_rules, kvapi.kv_explain, kvapi.kv_purge_batch, kvapi.kv_count_request
     TO kvapi_api;
