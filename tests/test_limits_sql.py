@@ -249,7 +249,6 @@ def test_mset_oversized_value_writes_nothing(kv):
     ("decr", -8, 1, "-9", "-10"),
 ])
 def test_counter_growth_past_value_size(kv, operation, start, by, fits, over):
-    # NOTE: this fails while kv_incr and kv_decr skip check_value.
     kv.use_plan(max_value_bytes=2)
     kv.set("counter", str(start))
     step = f"SELECT kvapi.kv_{operation}(%s, 'counter', %s)"
