@@ -780,38 +780,49 @@ def test_parallel_writers_bounded_overshoot(kv, shared_url, record_property):
 
 def test_parallel_writers_keep_usage_exact(kv, shared_url):
     kv.use_plan(max_keys=100000, max_total_bytes=100000000)
-    # Keys move only from durable to ephemeral, and only after every writer
-    # has finished its durable phase. Opposite moves at the same time can
-    # deadlock, as test_writers_of_one_shard_do_not_deadlock shows.
-    phase = threading.Barrier(WRITERS)
+    writers_done = threading.Semaphore(0)
 
     def churn(connection: psycopg.Connection, index: int) -> None:
-        """Create, grow, shrink, move and delete keys, some shared between writers."""
+        """Create, grow, shrink, move between tiers, expire and delete keys,
+        some shared between writers, while thread 0 purges and compacts the
+        usage counters."""
+        if index == 0:
+            finished = 0
+            while finished < WRITERS - 1:
+                connection.execute("SELECT kvapi.kv_purge_batch(50)")
+                finished += writers_done.acquire(timeout=0.01)
+            return
         for number in range(24):
-            if number == 12:
-                phase.wait(timeout=30)
-            ephemeral = number >= 12
             own = f"own{index}:{number % 5}"
             shared = f"shared:{number % 3}"
             value = json.dumps("x" * ((index * 7 + number) % 40))
             connection.execute("SELECT * FROM kvapi.kv_set(%s, %s, %s::jsonb, p_ephemeral => %s)",
-                               [kv.app_id, own, value, ephemeral])
+                               [kv.app_id, own, value, number % 2 == 0])
             connection.execute("SELECT * FROM kvapi.kv_set(%s, %s, %s::jsonb, p_ephemeral => %s)",
-                               [kv.app_id, shared, value, ephemeral])
+                               [kv.app_id, shared, value, (index + number) % 2 == 0])
             connection.execute("SELECT kvapi.kv_incr(%s, %s)", [kv.app_id, f"count:{number % 4}"])
-            if number % 4 == 3:
+            if number % 6 == 5:
+                for table in ("kvapi_data.entries", "kvapi_data.ephemeral_entries"):
+                    connection.execute(
+                        f"UPDATE {table} SET expires_at = now() - interval '1 second' WHERE app_id = %s AND key = %s",
+                        [kv.app_id, own],
+                    )
+            elif number % 4 == 3:
                 connection.execute("SELECT kvapi.kv_del(%s, %s)", [kv.app_id, own])
+        writers_done.release()
 
     run_writers(shared_url, WRITERS, churn)
 
+    assert kv.counted() == kv.recounted()
+    kv.purge()
     assert kv.counted() == kv.recounted()
 
 
 @contextmanager
 def same_shard_connections(url: str) -> Iterator[tuple[psycopg.Connection, psycopg.Connection]]:
-    """Open two autocommit connections whose sessions add to the same usage
-    counter shard (pg_backend_pid() % 32). 33 connections always contain
-    such a pair."""
+    """Open two autocommit connections whose backend PIDs are equal modulo
+    32: sessions that usage counters sharded by pg_backend_pid() % 32 would
+    make share a row. 33 connections always contain such a pair."""
     by_shard: dict[int, psycopg.Connection] = {}
     opened: list[psycopg.Connection] = []
     try:
