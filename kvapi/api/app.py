@@ -49,6 +49,14 @@ def handle_http_exception(request: Request, error: HTTPException) -> Response:
     code = _HTTP_STATUS_CODES.get(error.status_code, "KV_INVALID_REQUEST")
     if error.status_code >= 500:
         logger.error("HTTP error", extra={"event": "request.error", **_request_ids(request), "error": error.detail})
+    if error.status_code == 413:
+        # A chunked body has no Content-Length, so its size is unknown.
+        extra: dict[str, object] = {"limit": MAX_BODY_BYTES}
+        length = request.headers.get("content-length", "")
+        if length.isdigit():
+            extra["actual"] = int(length)
+        message = f"request body over the limit of {MAX_BODY_BYTES} bytes; send a smaller body or split an mset"
+        return error_response(413, code, message, **extra)
     return error_response(error.status_code, code, str(error.detail))
 
 

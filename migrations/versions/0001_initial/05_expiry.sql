@@ -74,7 +74,8 @@ END
 $$;
 
 -- Move the rows of p_table (a usage counter table) that no transaction
--- holds into shard 0. Rows in use are skipped, never waited for.
+-- holds into shard 0. Rows in use are skipped, never waited for. Shard 0
+-- rows are written in app order, so two purges cannot deadlock on them.
 CREATE FUNCTION kvapi_data.compact_usage(p_table regclass) RETURNS void
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
@@ -90,7 +91,8 @@ BEGIN
             RETURNING c.app_id, c.keys, c.bytes
         )
         INSERT INTO %1$s AS c (app_id, shard, keys, bytes)
-        SELECT moved.app_id, 0, sum(moved.keys), sum(moved.bytes) FROM moved GROUP BY moved.app_id
+        SELECT moved.app_id, 0, sum(moved.keys), sum(moved.bytes) FROM moved
+        GROUP BY moved.app_id ORDER BY moved.app_id
         ON CONFLICT (app_id, shard) DO UPDATE SET keys = c.keys + excluded.keys, bytes = c.bytes + excluded.bytes
     $sql$, p_table);
 END
