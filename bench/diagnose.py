@@ -7,8 +7,8 @@
 3. Mean latency at 1 client of each step kv_get makes, one statement each.
 4. An experiment in the benchmark's own throwaway database: the internal
    kvapi_data helpers lose their `SET search_path` clause (ALTER FUNCTION
-   ... RESET ALL), which lets PostgreSQL inline the SQL-language ones and
-   skips a configuration save and restore on every call; kv_get, kv_set and
+   ... RESET ALL). That lets PostgreSQL inline the SQL-language ones and
+   skips a configuration save and restore on every call. kv_get, kv_set and
    kv_incr are measured again, then the clauses are restored.
 """
 

@@ -189,13 +189,19 @@ def parse_redis_csv(output: str) -> Measurement:
     )
 
 
+REDIS_PROBE_REQUESTS = 20_000
+
+
 def run_redis_benchmark(port: int, arguments: list[str], *, clients: int, duration: float, keys: int) -> Measurement:
     """Run redis-benchmark for about `duration` seconds. It counts requests,
-    not time, so a short first run measures the rate and sizes the real one."""
+    not time, so a first run of REDIS_PROBE_REQUESTS measures the rate and
+    sizes the real one. It runs single-threaded: with --threads, Redis 7.0's
+    redis-benchmark rounds the elapsed time to its 250 ms progress ticks,
+    which skews the rate of short runs."""
     def run(requests: int) -> tuple[Measurement, float]:
         command = [
             "redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-c", str(clients), "-n", str(requests),
-            "-r", str(keys), "--threads", str(threads_for(clients)), "--csv", *arguments,
+            "-r", str(keys), "--csv", *arguments,
         ]
         result, tool_cpu = run_tool(command, duration * 5 + TOOL_GRACE_SECONDS)
         if result.returncode != 0:
@@ -204,9 +210,8 @@ def run_redis_benchmark(port: int, arguments: list[str], *, clients: int, durati
         measurement.operations = requests
         return measurement, tool_cpu
 
-    probe, _ = run(max(200, clients * 20))
-    requests = max(clients * 20, int(probe.ops_per_second * duration))
-    measurement, tool_cpu = run(requests)
+    probe, _ = run(max(REDIS_PROBE_REQUESTS, clients * 100))
+    measurement, tool_cpu = run(max(clients * 100, int(probe.ops_per_second * duration)))
     measurement.tool_cpu_seconds = tool_cpu
     return measurement
 

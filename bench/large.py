@@ -1,9 +1,9 @@
 """Large-data report: does kvapi slow down as an app grows?
 
-An app of its own (in another partition than the main benchmark's app,
-when the tables are hash-partitioned) gets --small-keys keys, and kv_get
-and kv_set are measured through pgbench; then it grows to --large-keys keys
-and both are measured again. It then reports the bytes on disk per key
+An app of its own gets --small-keys keys, and kv_get and kv_set are
+measured through pgbench. Then the app grows to --large-keys keys and both
+are measured again. When the tables are hash-partitioned, the app lands in
+another partition than the main benchmark's app. It then reports the bytes on disk per key
 (pg_total_relation_size of the app's partition, indexes and TOAST included,
 divided by its rows) and the time `kvapi purge` takes to delete
 --purge-keys expired keys among the live ones.
@@ -28,7 +28,7 @@ PARTITION_BOUND = re.compile(r"modulus (\d+), remainder (\d+)")
 
 def choose_app_id(connection: psycopg.Connection) -> str:
     """Return an app id whose rows land in another hash partition than the
-    main app's, so that the small measurement sees a small index."""
+    main app's, so that the small measurement reads a small index."""
     row = connection.execute(
         "SELECT pg_get_expr(c.relpartbound, c.oid) FROM kvapi_data.entries d JOIN pg_class c ON c.oid = d.tableoid "
         "WHERE d.app_id = %s LIMIT 1", [workloads.APP_ID]).fetchone()

@@ -92,9 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def plan_runs(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """(case, target) pairs to measure, in run order. The Litestar baseline
-    has one request, listed under get; it also runs when get is not selected
-    but an HTTP case is, since the HTTP ratios divide by it."""
+    """Return the (case, target) pairs to measure, in run order. The Litestar
+    baseline has one request, listed under get. It also runs when get is not
+    selected but an HTTP case is, because the HTTP ratios divide by it."""
     pairs = [(case, target) for case in args.cases for target in args.targets if workloads.supports(target, case)]
     if ("get", "litestar") not in pairs and "litestar" in args.targets and any(target == "http" for _, target in pairs):
         pairs.insert(0, ("get", "litestar"))

@@ -96,7 +96,7 @@ def is_running(process: ProcessId) -> bool:
 
 
 def descendants(pid: int) -> list[ProcessId]:
-    """Every live descendant of pid, found through the parent PIDs in /proc."""
+    """Find every live descendant of pid through the parent PIDs in /proc."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -295,8 +295,8 @@ def _redis_ping(port: int) -> bool:
 
 
 def start_redis(root: Path) -> Server:
-    """Start redis-server without persistence (no RDB snapshots, no AOF),
-    as Redis is most often run as a cache."""
+    """Start redis-server without persistence (no RDB snapshots, no AOF), so
+    that it measures the in-memory ceiling rather than a durable peer."""
     port = free_port()
     folder = root / "redis"
     folder.mkdir()

@@ -1,10 +1,10 @@
 """What each benchmark case sends to each target, and the data it needs.
 
-Keys: the app `bench` holds durable keys k:1..k:KEYS, ephemeral keys
+Keys: the app `bench` contains durable keys k:1..k:KEYS, ephemeral keys
 e:1..e:AUX and counters c:1..c:AUX, where AUX = min(KEYS, MAX_AUX_KEYS).
-Every k: and e: key holds VALUE, a JSON string of exactly 100 bytes, with
+Every k: and e: key stores VALUE, a JSON string of exactly 100 bytes, with
 the default 30-day TTL. The plain tables in schema bench_plain hold the same
-rows. Redis holds key:000000000000..key:(KEYS-1), zero-padded as
+rows. Redis stores key:000000000000..key:(KEYS-1), zero-padded as
 redis-benchmark's __rand_int__ writes them, with a 100-byte value.
 
 Cases that write keep every value equal to VALUE: set writes VALUE, cas
