@@ -11,7 +11,6 @@
 CREATE FUNCTION kvapi_data.add_usage(p_app_id text, p_ephemeral boolean, p_keys integer, p_bytes bigint)
 RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_shard integer := pg_backend_pid();
@@ -35,7 +34,6 @@ $$;
 -- that have expired but are not purged yet.
 CREATE FUNCTION kvapi_data.live_usage(p_app_id text, p_now timestamptz, OUT keys bigint, OUT bytes bigint)
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_expired_keys bigint;
@@ -63,7 +61,6 @@ CREATE FUNCTION kvapi_data.check_quota(p_plan kvapi_data.plans, p_app_id text, p
     p_added_keys integer, p_added_bytes bigint)
 RETURNS void
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_usage record;
@@ -101,7 +98,6 @@ $$;
 -- current second that has passed.
 CREATE FUNCTION kvapi_data.check_rate(p_app_id text, p_ops_per_second integer) RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_clock numeric;

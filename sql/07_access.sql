@@ -49,7 +49,6 @@ CREATE TABLE kvapi_data.role_bindings (
 -- Raise KVFOR unless the session may touch p_app_id (see the header).
 CREATE FUNCTION kvapi_data.check_caller(p_app_id text) RETURNS void
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_bound_app text;
@@ -75,7 +74,6 @@ $$;
 CREATE FUNCTION kvapi_data.compile_pattern(p_pattern text,
     OUT literal_prefix text, OUT matcher text, OUT placeholder_kinds text[])
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_position integer := 1;
@@ -140,7 +138,6 @@ $$;
 CREATE FUNCTION kvapi_data.deciding_rule(p_app_id text, p_key text)
 RETURNS SETOF kvapi_data.rules
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT r.* FROM kvapi_data.rules r
     WHERE r.app_id = p_app_id
@@ -155,7 +152,6 @@ $$;
 CREATE FUNCTION kvapi_data.rule_grants(p_rule kvapi_data.rules, p_role text, p_key text, p_requester jsonb)
 RETURNS boolean
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_captures text[];
@@ -194,7 +190,6 @@ $$;
 -- "role"?: string}.
 CREATE FUNCTION kvapi_data.check_requester(p_requester jsonb) RETURNS void
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF p_requester IS NULL OR p_requester = '{}'::jsonb THEN
@@ -218,7 +213,6 @@ $$;
 CREATE FUNCTION kvapi_data.check_access(p_app_id text, p_key text, p_requester jsonb, p_mode text)
 RETURNS void
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_rule kvapi_data.rules;

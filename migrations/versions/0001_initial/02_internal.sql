@@ -1,5 +1,12 @@
 -- Internal helpers shared by the public functions in 04_operations.sql.
 --
+-- Helpers in kvapi_data have no SET search_path clause. Only kvapi's own
+-- functions can call them (nobody else has USAGE on the schema), and each
+-- of those pins search_path, which stays in force during nested calls. A
+-- SET clause would stop PostgreSQL from inlining the SQL helpers, so it
+-- would plan their bodies again on every call, and it costs a settings
+-- save and restore per call.
+--
 -- Error codes are SQLSTATEs of class KV; kvapi/errors.py maps each one to
 -- its API code and HTTP status:
 --   KVINV invalid request      KVAPP app not found     KVVER version mismatch
@@ -9,7 +16,6 @@
 -- hold U+0000, so that case never reaches SQL.
 CREATE FUNCTION kvapi_data.check_key(p_key text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF p_key IS NULL OR p_key = '' THEN
@@ -29,7 +35,6 @@ $$;
 -- Return the plan of p_app_id, or raise KVAPP when the app does not exist.
 CREATE FUNCTION kvapi_data.app_plan(p_app_id text) RETURNS kvapi_data.plans
 LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_plan kvapi_data.plans;
@@ -56,7 +61,6 @@ $$;
 CREATE FUNCTION kvapi_data.ttl_seconds(p_ttl jsonb, p_argument text DEFAULT 'ttl')
 RETURNS bigint
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_text text := p_ttl::text;
@@ -81,14 +85,12 @@ $$;
 CREATE FUNCTION kvapi_data.ttl_remaining(p_expires_at timestamptz, p_now timestamptz)
 RETURNS bigint
 LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
 RETURN ceil(extract(epoch FROM p_expires_at - p_now))::bigint;
 
 -- Expiry time for a TTL in seconds; NULL seconds means no expiry.
 CREATE FUNCTION kvapi_data.expiry_after(p_now timestamptz, p_seconds bigint)
 RETURNS timestamptz
 LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
 RETURN p_now + make_interval(secs => p_seconds);
 
 -- Raise KVINV for a NULL or JSON null value and KVBIG for one whose stored
@@ -96,7 +98,6 @@ RETURN p_now + make_interval(secs => p_seconds);
 CREATE FUNCTION kvapi_data.check_value(p_value jsonb, p_key text, p_plan kvapi_data.plans)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_bytes bigint;
@@ -125,7 +126,6 @@ $$;
 -- Hash collisions only make unrelated keys wait for each other.
 CREATE FUNCTION kvapi_data.lock_key(p_app_id text, p_key text) RETURNS void
 LANGUAGE sql VOLATILE
-SET search_path = pg_catalog, pg_temp
 BEGIN ATOMIC
     SELECT pg_advisory_xact_lock(1803120993, hashtext(p_app_id || '/' || p_key));
 END;
@@ -136,7 +136,6 @@ CREATE FUNCTION kvapi_data.find_live(p_app_id text, p_key text, p_now timestampt
     OUT size_bytes integer)
 RETURNS SETOF record
 LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT d.value, d.version, d.expires_at, false, d.size_bytes
     FROM kvapi_data.entries d
@@ -153,7 +152,6 @@ $$;
 -- Storage a key and value count against the plan.
 CREATE FUNCTION kvapi_data.entry_size(p_key text, p_value jsonb) RETURNS integer
 LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
 RETURN octet_length(p_key) + octet_length(p_value::text);
 
 -- Write a key into one tier with a new version and return that version.
@@ -165,7 +163,6 @@ CREATE FUNCTION kvapi_data.write_entry(p_app_id text, p_key text, p_value jsonb,
     p_expires_at timestamptz, p_ephemeral boolean, p_live_ephemeral boolean)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_version bigint := nextval('kvapi_data.version_seq');
@@ -211,7 +208,6 @@ $$;
 CREATE FUNCTION kvapi_data.delete_entry(p_app_id text, p_key text, p_ephemeral boolean)
 RETURNS boolean
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_size integer;
@@ -236,7 +232,6 @@ CREATE FUNCTION kvapi_data.set_expiry(p_app_id text, p_key text, p_ephemeral boo
     p_expires_at timestamptz)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_version bigint := nextval('kvapi_data.version_seq');
@@ -256,7 +251,6 @@ $$;
 -- code point order (the "C" collation on UTF-8); NULL when there is none.
 CREATE FUNCTION kvapi_data.prefix_upper_bound(p_prefix text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_rest text := p_prefix;
@@ -281,7 +275,6 @@ $$;
 -- Decode a list cursor (base64url of the last key returned) or raise KVINV.
 CREATE FUNCTION kvapi_data.decode_cursor(p_cursor text) RETURNS text
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_base64 text := translate(p_cursor, '-_', '+/');
@@ -298,5 +291,4 @@ $$;
 
 CREATE FUNCTION kvapi_data.encode_cursor(p_key text) RETURNS text
 LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
 RETURN rtrim(translate(encode(convert_to(p_key, 'UTF8'), 'base64'), E'+/\n', '-_'), '=');

@@ -27,7 +27,6 @@
 CREATE FUNCTION kvapi_data.begin_operation(p_app_id text, p_key text, p_requester jsonb, p_mode text)
 RETURNS kvapi_data.plans
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_plan kvapi_data.plans;
@@ -45,7 +44,6 @@ $$;
 CREATE FUNCTION kvapi_data.check_if_match(p_key text, p_if_match text[], p_found boolean, p_version bigint)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     IF p_if_match IS NULL
@@ -302,7 +300,6 @@ $$;
 CREATE FUNCTION kvapi_data.add_to_counter(p_app_id text, p_key text, p_delta numeric, p_requester jsonb)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_now timestamptz := statement_timestamp();

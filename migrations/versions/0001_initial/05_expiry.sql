@@ -78,7 +78,6 @@ $$;
 -- rows are written in app order, so two purges cannot deadlock on them.
 CREATE FUNCTION kvapi_data.compact_usage(p_table regclass) RETURNS void
 LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     EXECUTE format($sql$
