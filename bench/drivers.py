@@ -155,12 +155,12 @@ def parse_wrk(output: str) -> Measurement:
 
 
 def run_wrk(base_url: str, mode: str, *, clients: int, duration: float, seed: int, keys: int, aux_keys: int,
-            app_id: str, service_key: str) -> Measurement:
+            app_id: str, service_key: str, user_token: str = "") -> Measurement:
     """Run wrk with bench/wrk/requests.lua in the given mode."""
     command = [
         "wrk", f"--threads={threads_for(clients)}", f"--connections={clients}", f"--duration={max(1, round(duration))}s",
         "--timeout=10s", "--latency", f"--script={WRK_SCRIPT}", base_url,
-        "--", mode, str(keys), str(aux_keys), app_id, service_key, str(seed),
+        "--", mode, str(keys), str(aux_keys), app_id, service_key, str(seed), user_token,
     ]
     result, tool_cpu = run_tool(command, duration + TOOL_GRACE_SECONDS)
     measurement = parse_wrk(result.stdout)

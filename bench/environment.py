@@ -9,6 +9,7 @@ import socket
 import time
 from pathlib import Path
 
+import jwt
 import psycopg
 
 from bench import drivers, servers, workloads
@@ -41,6 +42,11 @@ class BenchEnvironment:
         self.servers: dict[str, servers.Server] = {}
         self.database_url = ""
         self.service_key = new_service_key()
+        self.jwt_secret = secrets.token_urlsafe(32)
+        # An end-user token for get_guarded, valid for a day.
+        self.user_token = jwt.encode(
+            {"sub": workloads.END_USER, "exp": int(time.time()) + 86400}, self.jwt_secret, algorithm="HS256"
+        )
         self.scripts_dir = workdir / "scripts"
         self.pgbench_logs = workdir / "pgbench_logs"
         self._stack = contextlib.ExitStack()
@@ -99,8 +105,9 @@ class BenchEnvironment:
         with psycopg.connect(self.database_url, autocommit=True) as connection:
             connection.execute(
                 "SELECT kvapi.app_create(%s, %s, %s)",
-                [workloads.APP_ID, hash_service_key(self.service_key), secrets.token_urlsafe(16)],
+                [workloads.APP_ID, hash_service_key(self.service_key), self.jwt_secret],
             )
+            connection.execute("SELECT kvapi.kv_expose(%s, %s, %s, %s)", [workloads.APP_ID, *workloads.READ_RULE])
             for statement, parameters in workloads.load_statements(self.keys):
                 connection.execute(statement, parameters)
             connection.execute(workloads.PLAIN_SCHEMA)
@@ -163,7 +170,7 @@ class BenchEnvironment:
         return self._measured(lambda: drivers.run_wrk(
             self.servers[WRK_SERVERS[target]].address, workloads.WRK_MODES[(target, case)],
             clients=clients, duration=duration, seed=seed, keys=self.keys, aux_keys=self.aux_keys,
-            app_id=workloads.APP_ID, service_key=self.service_key))
+            app_id=workloads.APP_ID, service_key=self.service_key, user_token=self.user_token))
 
     def _measured(self, measure) -> drivers.Measurement:
         before = self.cpu_snapshot()

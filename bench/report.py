@@ -72,6 +72,8 @@ RATIOS = [
     Ratio("kvapi HTTP get / Litestar constant JSON", ("http", "get"), ("litestar", "get"), 0.8),
     Ratio("kvapi HTTP set durable / Litestar constant JSON", ("http", "set_durable"), ("litestar", "get"), 0.6),
     Ratio("kvapi HTTP get / webdis GET", ("http", "get"), ("webdis", "get"), None),
+    Ratio("get by an end user / get with a service key: SQL functions", ("functions", "get_guarded"), ("functions", "get"), 0.9),
+    Ratio("get by an end user / get with a service key: HTTP", ("http", "get_guarded"), ("http", "get"), 0.9),
 ]
 
 

@@ -27,9 +27,10 @@ MGET_KEYS = 100
 MGET_STRIDE = 7919
 DEFAULT_TTL = "interval '30 days'"
 
-CASES = ["get", "get_touch", "set_durable", "set_ephemeral", "incr", "setnx", "cas", "mget"]
+CASES = ["get", "get_guarded", "get_touch", "set_durable", "set_ephemeral", "incr", "setnx", "cas", "mget"]
 CASE_TITLES = {
     "get": "get",
+    "get_guarded": "get by an end user",
     "get_touch": "get with touch",
     "set_durable": "set durable",
     "set_ephemeral": "set ephemeral",
@@ -178,8 +179,18 @@ RAW_SQL = {
     ),
 }
 
+# get_guarded reads as the end user END_USER, whom READ_RULE (exposed by
+# BenchEnvironment.load_postgres) lets read every k: key. The raw SQL
+# targets have no access control, so their get_guarded is the plain get.
+END_USER = "bench-user"
+READ_RULE = ("k:**", "authed", "deny")
+
 FUNCTION_SQL = {
     "get": KEY_ID + "SELECT value, version, ttl FROM kvapi.kv_get(:app, 'k:' || :id);\n",
+    "get_guarded": KEY_ID + (
+        "SELECT value, version, ttl FROM kvapi.kv_get(:app, 'k:' || :id, "
+        f"p_requester => '{{{{\"id\": \"{END_USER}\"}}}}');\n"
+    ),
     "get_touch": KEY_ID + "SELECT value, version, ttl FROM kvapi.kv_get(:app, 'k:' || :id, p_touch => 'true');\n",
     "set_durable": KEY_ID + f"SELECT version, ttl FROM kvapi.kv_set(:app, 'k:' || :id, '{VALUE_JSON}');\n",
     "set_ephemeral": AUX_ID + (
@@ -197,7 +208,7 @@ def pgbench_script(target: str, case: str, keys: int) -> str:
         template = FUNCTION_SQL[case]
         tables = KVAPI_TABLES
     else:
-        template = RAW_SQL[case]
+        template = RAW_SQL["get" if case == "get_guarded" else case]
         tables = PLAIN_TABLES if target == "plain" else KVAPI_TABLES
     return template.format(durable=tables.durable, ephemeral=tables.ephemeral, sequence=tables.sequence,
                            keys=keys, aux=aux_key_count(keys))
@@ -208,6 +219,7 @@ def pgbench_script(target: str, case: str, keys: int) -> str:
 # The case that bench/wrk/requests.lua runs for each HTTP target and case.
 WRK_MODES = {
     ("http", "get"): "get",
+    ("http", "get_guarded"): "get_guarded",
     ("http", "get_touch"): "get_touch",
     ("http", "set_durable"): "set_durable",
     ("http", "set_ephemeral"): "set_ephemeral",

@@ -35,6 +35,7 @@ function init(args)
   math.randomseed(tonumber(args[6]) + (thread_number or 0))
   headers = { ["Authorization"] = "Bearer " .. args[5] }
   json_headers = { ["Authorization"] = "Bearer " .. args[5], ["Content-Type"] = "application/json" }
+  user_headers = { ["Authorization"] = "Bearer " .. (args[7] or "") }
   if mode == "mget" then
     -- Bodies are built once, so that wrk spends its time sending them.
     for b = 1, MGET_BODIES do
@@ -50,6 +51,8 @@ end
 function request()
   if mode == "get" then
     return wrk.format("GET", key_path("k:", keys), headers)
+  elseif mode == "get_guarded" then
+    return wrk.format("GET", key_path("k:", keys), user_headers)
   elseif mode == "get_touch" then
     return wrk.format("GET", key_path("k:", keys) .. "?touch=true", headers)
   elseif mode == "set_durable" then
