@@ -135,18 +135,19 @@ def process_running(pid: int) -> bool:
 
 def postmasters(data_dir: Path) -> list[int]:
     """Return the PIDs of the postgres processes started with `-D` set to
-    this data dir's pgdata. Backends rewrite their command line, so only
-    postmasters match."""
+    this data dir's pgdata. Backends rewrite their command line, but a
+    backend just forked still shows the postmaster's, so processes whose
+    parent matched are left out."""
     target = str(pgdata(data_dir).resolve())
-    pids = []
-    for process in psutil.process_iter(["name", "cmdline"]):
+    matches = {}
+    for process in psutil.process_iter(["name", "cmdline", "ppid"]):
         cmdline = process.info["cmdline"] or []
         if process.info["name"] != "postgres" or "-D" not in cmdline[:-1]:
             continue
         data_arg = cmdline[cmdline.index("-D") + 1]
         if str(Path(data_arg).resolve()) == target:
-            pids.append(process.pid)
-    return pids
+            matches[process.pid] = process.info["ppid"]
+    return [pid for pid, parent in matches.items() if parent not in matches]
 
 
 def embedded_conninfo(data_dir: Path) -> str:
@@ -308,7 +309,7 @@ def test_quickstart_examples_run_as_written(embedded_serve: EmbeddedServe) -> No
     assert exported_value(text, "KVAPI_URL") == DOC_BASE_URL
     env = {**os.environ, "KVAPI_URL": f"{server.base_url}/v1/myapp", "KVAPI_KEY": created["service_key"]}
     examples = curl_examples(text)
-    assert len(examples) == 12
+    assert len(examples) == 20
     started = time.monotonic()
     for example in examples:
         result = subprocess.run(["bash", "-c", example.command], env=env, capture_output=True, text=True, timeout=30)
