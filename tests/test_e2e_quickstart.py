@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import jwt
 import psutil
 import psycopg
 import pytest
@@ -316,6 +317,21 @@ def test_quickstart_examples_run_as_written(embedded_serve: EmbeddedServe) -> No
         assert result.returncode == 0, f"{example.command}\n{result.stderr}"
         output = accept_elapsed_ttls(result.stdout, example.expected_output, JSON_TTL, seconds_since(started))
         assert output == example.expected_output, example.command
+
+    # Facts the guide states beside its examples: the rate-limit counter
+    # keeps the TTL that expire gave it, and a signed-in user can read the
+    # flags but not write them.
+    with service_client(server, created["service_key"]) as client:
+        rate_ttl = client.post("/v1/myapp/kv/rate:user42:29634157", json={"op": "ttl"}).json()
+    assert rate_ttl["exists"] is True
+    assert 60 - seconds_since(started) <= rate_ttl["ttl"] <= 60
+    token = jwt.encode({"sub": "user42", "exp": int(time.time()) + 600}, created["jwt_secret"], algorithm="HS256")
+    with service_client(server, token) as user_client:
+        flag = user_client.get("/v1/myapp/kv/flags:new-checkout")
+        assert flag.status_code == 200
+        assert flag.json()["value"] == {"enabled": True}
+        flag_write = user_client.put("/v1/myapp/kv/flags:new-checkout", json={"value": {"enabled": False}})
+        assert flag_write.status_code == 403
 
     conninfo = embedded_conninfo(embedded_serve.data_dir)
     statements = psql_examples(text)
