@@ -1,7 +1,7 @@
 """The code samples of docs/access.md and docs/limits.md run as written.
 
-curl samples run with bash against a real `kvapi serve`, with KVAPI_URL and
-KVAPI_KEY set to a fresh app, and their output must equal the comment below
+curl samples run with bash against a real `kvapi serve`, with KVAPI_URL,
+KVAPI_APP and KVAPI_KEY set for a fresh app, and their output must equal the comment below
 them. `kvapi` samples run as `python -m kvapi` with DATABASE_URL set to the
 test database. SQL samples run with psycopg as a superuser.
 """
@@ -63,8 +63,8 @@ def curl_samples(path: Path) -> list[tuple[str, str]]:
     return samples
 
 
-def run_curl(command: str, base_url: str, service_key: str) -> str:
-    env = {**os.environ, "KVAPI_URL": base_url, "KVAPI_KEY": service_key}
+def run_curl(command: str, server_url: str, app_id: str, service_key: str) -> str:
+    env = {**os.environ, "KVAPI_URL": server_url, "KVAPI_APP": app_id, "KVAPI_KEY": service_key}
     result = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, f"{command}\n{result.stderr}"
     return result.stdout
@@ -108,13 +108,13 @@ def test_access_curl_samples_run_as_written(http_server: RunningServer, fresh_ap
     assert len(samples) == 2
 
     for command, expected_output in samples:
-        assert run_curl(command, f"{http_server.base_url}/v1/{app_id}", service_key) == expected_output, command
+        assert run_curl(command, http_server.base_url, app_id, service_key) == expected_output, command
 
 
 def test_access_owner_rule_grants_own_profile_only(http_server: RunningServer, fresh_app: tuple[str, str, str]) -> None:
     app_id, service_key, jwt_secret = fresh_app
     rule_command, _ = curl_samples(ACCESS)[0]
-    run_curl(rule_command, f"{http_server.base_url}/v1/{app_id}", service_key)
+    run_curl(rule_command, http_server.base_url, app_id, service_key)
     alice = {"Authorization": f"Bearer {user_token(app_id, 'alice', jwt_secret, 'HS256')}"}
 
     with httpx.Client(base_url=f"{http_server.base_url}/v1/{app_id}", timeout=30) as client:
@@ -152,7 +152,7 @@ def test_access_add_key_sample_verifies_rs256(
     assert added.returncode == 0, added.stderr
 
     rule_command, _ = curl_samples(ACCESS)[0]
-    run_curl(rule_command, f"{http_server.base_url}/v1/{app_id}", service_key)
+    run_curl(rule_command, http_server.base_url, app_id, service_key)
     token = user_token(app_id, "alice", private_key, "RS256")
     response = httpx.put(
         f"{http_server.base_url}/v1/{app_id}/kv/profile:alice",

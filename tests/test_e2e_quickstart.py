@@ -38,7 +38,7 @@ from conftest import RunningServer, start_kvapi_server
 QUICKSTART = Path(__file__).resolve().parent.parent / "docs" / "quickstart.md"
 DEFAULT_TTL = 30 * 86400
 # The guide's examples use the default port, but the tests use a free one.
-DOC_BASE_URL = "http://127.0.0.1:8080/v1/myapp"
+DOC_BASE_URL = "http://127.0.0.1:8080"
 PARALLEL_CLIENTS = 8
 # TTLs in the guide's output: JSON "ttl" fields, and the last column of
 # psql rows (kv_set and kv_get both return ttl last).
@@ -308,7 +308,8 @@ def test_quickstart_examples_run_as_written(embedded_serve: EmbeddedServe) -> No
     assert created["service_key"].startswith("kvs_")
 
     assert exported_value(text, "KVAPI_URL") == DOC_BASE_URL
-    env = {**os.environ, "KVAPI_URL": f"{server.base_url}/v1/myapp", "KVAPI_KEY": created["service_key"]}
+    assert exported_value(text, "KVAPI_APP") == "myapp"
+    env = {**os.environ, "KVAPI_URL": server.base_url, "KVAPI_APP": "myapp", "KVAPI_KEY": created["service_key"]}
     examples = curl_examples(text)
     assert len(examples) == 20
     started = time.monotonic()
