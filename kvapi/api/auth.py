@@ -147,10 +147,10 @@ def _load_keys(app_id: str, raw: bytes) -> list[VerificationKey]:
     return keys
 
 
-def verify_token(token: str, app_id: str, keys: list[VerificationKey]) -> dict[str, str]:
-    """Verify an end-user JWT for app_id and return the requester. Each key
-    accepts only its own algorithm, so an HS256 token signed with a public
-    key, or an alg "none" token, never verifies."""
+def verify_token(token: str, app_id: str, keys: list[VerificationKey]) -> tuple[dict[str, str], float]:
+    """Verify an end-user JWT for app_id and return the requester and the
+    token's exp. Each key accepts only its own algorithm, so an HS256 token
+    signed with a public key, or an alg "none" token, never verifies."""
     try:
         algorithm = jwt.get_unverified_header(token).get("alg")
     except jwt.PyJWTError as error:
@@ -173,7 +173,7 @@ def verify_token(token: str, app_id: str, keys: list[VerificationKey]) -> dict[s
             continue
         except jwt.PyJWTError as error:
             raise _unauthorized(str(error)) from None
-        return check_claims(claims, app_id)
+        return check_claims(claims, app_id), float(claims["exp"])
     raise _unauthorized("signature verification failed")
 
 
@@ -184,6 +184,9 @@ class CredentialCache:
     def __init__(self) -> None:
         self._service_keys: dict[tuple[str, bytes], float] = {}
         self._token_keys: dict[str, tuple[float, list[VerificationKey]]] = {}
+        # Verified tokens: an end user sends the same token with every
+        # request, and verifying it costs more than the database call.
+        self._tokens: dict[tuple[str, str], tuple[float, float, str]] = {}
 
     async def authenticate_service_key(self, connection: psycopg.AsyncConnection, app_id: str, key_hash: bytes) -> None:
         """Return when key_hash is a service key of app_id; raise
@@ -198,9 +201,16 @@ class CredentialCache:
             self._service_keys.clear()
         self._service_keys[cache_key] = now + CACHE_SECONDS
 
-    async def requester_for_token(self, connection: psycopg.AsyncConnection, app_id: str, token: str) -> dict[str, str]:
-        """Verify an end-user token of app_id and return its requester."""
+    async def requester_for_token(self, connection: psycopg.AsyncConnection, app_id: str, token: str) -> str:
+        """Verify an end-user token of app_id and return its requester as the
+        JSON text of the SQL functions' p_requester argument. A
+        verified token is reused until the app's keys are due for a reload
+        or the token expires (with the usual leeway), whichever comes first."""
         now = time.monotonic()
+        verified = self._tokens.get((app_id, token))
+        if verified is not None and verified[0] > now and verified[1] > time.time() - CLOCK_LEEWAY_SECONDS:
+            return verified[2]
+
         cached = self._token_keys.get(app_id)
         if cached is None or cached[0] <= now:
             cursor = await connection.execute(statements.JWT_KEYS, {"app_id": app_id})
@@ -209,4 +219,9 @@ class CredentialCache:
                 self._token_keys.clear()
             cached = (now + CACHE_SECONDS, _load_keys(app_id, raw))
             self._token_keys[app_id] = cached
-        return verify_token(token, app_id, cached[1])
+        requester, expires = verify_token(token, app_id, cached[1])
+        requester_json = json.dumps(requester)
+        if len(self._tokens) >= CACHE_MAX_ENTRIES:
+            self._tokens.clear()
+        self._tokens[(app_id, token)] = (cached[0], expires, requester_json)
+        return requester_json

@@ -122,7 +122,7 @@ async def run(
                 # Raises KV_APP_NOT_FOUND for an unknown app, else KV_UNAUTHORIZED.
                 await connection.execute(statements.AUTHENTICATE, {"app_id": app_id, "key_hash": None})
             elif credentials.token is not None:
-                params["requester"] = json.dumps(await cache.requester_for_token(connection, app_id, credentials.token))
+                params["requester"] = await cache.requester_for_token(connection, app_id, credentials.token)
             else:
                 params["requester"] = ANONYMOUS
             cursor = await connection.execute(statement, params)
