@@ -2,8 +2,8 @@
 --
 -- Accuracy: usage is exact for every committed state. A write checks the
 -- committed usage before it writes, so writers of one app that run at the
--- same moment can each pass the check and overshoot a limit by at most one
--- key (and its bytes) per concurrent writer; sequential writers never do.
+-- same moment can each pass the check. They overshoot a limit by at most
+-- one key (and its bytes) per concurrent writer. Sequential writers never do.
 -- The rate limit counts committed requests in one-second windows and
 -- weights the previous window by the part of it that still overlaps the
 -- last second (a sliding-window estimate).

@@ -7,7 +7,7 @@
 --    role) may touch every app; a role bound with `kvapi apps grant-role`
 --    only its own app. The check uses session_user (the login role), because
 --    the public functions are SECURITY DEFINER and cannot see their caller's
---    current_user; a session that SET ROLEs keeps its login role's scope.
+--    current_user. A session that SET ROLEs keeps its login role's scope.
 -- 2. kvapi_data.check_access(): for end-user requests (p_requester not
 --    NULL), the rule that decides for the key must grant the requester.
 --    p_requester is NULL for trusted callers (service keys and bound roles),
