@@ -38,8 +38,8 @@ def _upgrade(url: str) -> None:
 
 def _database_url(args: argparse.Namespace) -> str:
     """Return the database URL. The embedded database is migrated here, so
-    that any command works on a fresh data folder; a DATABASE_URL server is
-    migrated only by `kvapi migrate` and `kvapi serve`, by its operator's choice."""
+    that any command works on a fresh data folder. A DATABASE_URL server is
+    migrated only by `kvapi migrate` and `kvapi serve`, when its operator runs them."""
     if os.environ.get("DATABASE_URL"):
         return os.environ["DATABASE_URL"]
     url = embedded.database_url(args.data_dir)

@@ -8,9 +8,9 @@ the last holder to exit stops it. Run as root, the wheel runs PostgreSQL as
 its own unprivileged system user.
 
 NOTE: run as root, the wheel adds o+rx to every folder above the data
-folder (up to /) so that its system user can reach it, and when `pg_ctl
-stop` fails it kills the server, which empties the ephemeral (UNLOGGED)
-tables as after a crash. Run kvapi as an ordinary user where that matters.
+folder (up to /) so that its system user can reach it. When `pg_ctl stop`
+fails, it kills the server, which empties the ephemeral (UNLOGGED) tables
+as after a crash. Run kvapi as an ordinary user where that matters.
 """
 
 from __future__ import annotations

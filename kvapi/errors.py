@@ -56,7 +56,7 @@ BY_SQLSTATE: dict[str, ErrorCode] = {entry.sqlstate: entry for entry in REGISTRY
 
 
 class KvError(Exception):
-    """An error with a registered code. `extra` holds additional fields of
+    """An error with a registered code. `extra` contains additional fields of
     the error body, such as `limit` and `actual`."""
 
     def __init__(self, code: str, message: str, **extra: object) -> None:
@@ -72,10 +72,6 @@ class KvError(Exception):
     @property
     def http_status(self) -> int:
         return self.entry.http_status
-
-
-def invalid_request(message: str) -> KvError:
-    return KvError("KV_INVALID_REQUEST", message)
 
 
 def markdown_table() -> str:

@@ -3,7 +3,7 @@
 
 -- Delete up to p_batch_size expired rows from each tier and return how many
 -- were deleted. Rows that a writer has locked are skipped (SKIP LOCKED), so
--- the purge never waits on application traffic; the DELETE re-checks the
+-- the purge never waits on application traffic. The DELETE re-checks the
 -- expiry, so a key rewritten after it was picked survives.
 CREATE FUNCTION kvapi.kv_purge_batch(p_batch_size integer DEFAULT 1000) RETURNS integer
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER
@@ -74,7 +74,7 @@ END
 $$;
 
 -- Move the rows of p_table (a usage counter table) that no transaction
--- holds into shard 0. Rows in use are skipped, never waited for. Shard 0
+-- has locked into shard 0. Rows in use are skipped, never waited for. Shard 0
 -- rows are written in app order, so two purges cannot deadlock on them.
 CREATE FUNCTION kvapi_data.compact_usage(p_table regclass) RETURNS void
 LANGUAGE plpgsql VOLATILE

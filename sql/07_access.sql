@@ -243,7 +243,7 @@ BEGIN
     IF kvapi_data.rule_grants(v_rule, v_role, p_key, p_requester) THEN
         RETURN;
     END IF;
-    -- An unknown app is KVAPP, not KVFOR, whoever asks.
+    -- An unknown app is KVAPP, not KVFOR, for every requester.
     PERFORM kvapi_data.app_plan(p_app_id);
     RAISE EXCEPTION USING ERRCODE = 'KVFOR',
         MESSAGE = format('%s access to key %L denied for %s', p_mode, left(p_key, 64),

@@ -1,6 +1,6 @@
--- Roles and privileges. Nobody but the owner (the role that ran the
--- migrations) may touch kvapi_data; everyone else goes through the
--- SECURITY DEFINER functions in kvapi.
+-- Roles and privileges. Only the owner (the role that ran the migrations)
+-- may touch kvapi_data. Every other role goes through the SECURITY DEFINER
+-- functions in kvapi.
 --   kvapi_client: may call the key-value functions. Roles bound to one app
 --                 with kvapi.app_grant_role are made members of it.
 --   kvapi_api:    the HTTP layer's role, for every app: the key-value

@@ -53,9 +53,6 @@ class Credentials:
     def is_service(self) -> bool:
         return self.key_hash is not None
 
-    @property
-    def is_anonymous(self) -> bool:
-        return self.key_hash is None and self.token is None
 
 
 def new_service_key() -> str:

@@ -61,8 +61,8 @@ class KeyPathRouter:
                 except ValueError as error:
                     scope[KEY_ERROR_SCOPE] = str(error)
                 scope[APP_ID_SCOPE] = app_id
-                # A placeholder stands in for app ids that are not valid
-                # path segments; the handler reports them as unknown apps.
+                # A placeholder replaces app ids that are not valid path
+                # segments, and the handler reports them as unknown apps.
                 routable_app_id = app_id if _APP_ID.fullmatch(app_id) else "_"
                 scope["path"] = f"/v1/{routable_app_id}/kv/key"
                 scope["raw_path"] = scope["path"].encode("ascii")

@@ -226,7 +226,7 @@ async def delete_key(request: Request) -> Response:
 @post(
     "/v1/{app_id:str}/kv/{key:path}",
     summary="Run setnx, setex, cas, incr, decr, expire, ttl or exists on a key",
-    description="Body `{op, ...arguments}`. Answers: setnx `{created}`; setex `{key, ttl, version}`; "
+    description="Body `{op, ...arguments}`. Responses: setnx `{created}`; setex `{key, ttl, version}`; "
     "cas `{swapped: true}` or 409 `KV_CAS_MISMATCH`; incr and decr `{value}`; expire `{updated}`; "
     "ttl `{ttl, exists}`; exists `{exists}`.",
     status_code=200,
@@ -282,8 +282,8 @@ async def post_key(request: Request) -> Response:
 @post(
     "/v1/{app_id:str}/kv",
     summary="Run mget or mset",
-    description="`{op: \"mget\", keys}` answers `{values}` (null where missing); "
-    "`{op: \"mset\", entries: {key: value}, ttl?, ephemeral?}` answers `{count}`, all or nothing.",
+    description="`{op: \"mget\", keys}` returns `{values}` (null where missing); "
+    "`{op: \"mset\", entries: {key: value}, ttl?, ephemeral?}` returns `{count}`, all or nothing.",
     status_code=200,
 )
 async def post_batch(request: Request, app_id: FromPath[str]) -> Response:

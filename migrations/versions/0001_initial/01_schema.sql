@@ -1,14 +1,14 @@
 -- kvapi schema: tenants (apps), their plans and credentials, and the entries.
 --
--- Schema kvapi holds the public functions that apps and database users call.
--- Schema kvapi_data holds the tables and internal helpers; nothing outside
--- kvapi's own functions should touch it.
+-- Schema kvapi contains the public functions that apps and database users
+-- call. Schema kvapi_data contains the tables and internal helpers, which
+-- only kvapi's own functions use.
 
 CREATE SCHEMA kvapi_data;
 CREATE SCHEMA kvapi;
 
--- Plans are data: an operator changes a row and every server sees the change
--- on its next request. NULL in a limit column means "no limit".
+-- Plans are data: an operator changes a row and every server applies the
+-- change on its next request. NULL in a limit column means "no limit".
 CREATE TABLE kvapi_data.plans (
     plan_id             text PRIMARY KEY
                         CHECK (plan_id ~ '^[A-Za-z0-9_-]{1,64}$'),
@@ -66,7 +66,7 @@ CREATE TABLE kvapi_data.entries (
 ) PARTITION BY HASH (app_id);
 
 -- Ephemeral entries have the same shape. The parent stays logged because
--- PostgreSQL 18 rejects an UNLOGGED partitioned table; its partitions are
+-- PostgreSQL 18 rejects an UNLOGGED partitioned table. Its partitions are
 -- UNLOGGED, so their rows skip the WAL and are emptied after a crash (but
 -- survive a clean shutdown).
 CREATE TABLE kvapi_data.ephemeral_entries (
@@ -112,7 +112,7 @@ CREATE INDEX ephemeral_entries_app_expires_at_idx
 -- Rows and bytes stored per app, including expired rows the purge has not
 -- removed yet. Each database session adds its changes to a row of its own
 -- (shard = pg_backend_pid(), unique among live sessions), so writers never
--- wait on each other's counter rows and cannot deadlock on them; a reader
+-- wait on each other's counter rows and cannot deadlock on them. A reader
 -- sums the rows. The purge folds rows of finished transactions into shard 0.
 -- Counters of the ephemeral tier are UNLOGGED, so a crash empties them
 -- together with the rows they count.
@@ -133,8 +133,8 @@ CREATE UNLOGGED TABLE kvapi_data.ephemeral_usage_counters (
 );
 
 -- Requests per app, second and session, like the usage counters, for the
--- sliding-window rate limit. Losing them in a crash only forgets at most
--- two seconds of history, so they are UNLOGGED.
+-- sliding-window rate limit. A crash loses at most two seconds of this
+-- history, so they are UNLOGGED.
 CREATE UNLOGGED TABLE kvapi_data.rate_windows (
     app_id       text NOT NULL,
     window_start bigint NOT NULL,

@@ -1,7 +1,7 @@
 -- Internal helpers shared by the public functions in 04_operations.sql.
 --
 -- Helpers in kvapi_data have no SET search_path clause. Only kvapi's own
--- functions can call them (nobody else has USAGE on the schema), and each
+-- functions can call them (no other role has USAGE on the schema), and each
 -- of those pins search_path, which stays in force during nested calls. A
 -- SET clause would stop PostgreSQL from inlining the SQL helpers, so it
 -- would plan their bodies again on every call, and it costs a settings
@@ -56,8 +56,8 @@ $$;
 -- Convert a JSON TTL to seconds. JSON null returns NULL (no expiry); the
 -- caller decides what SQL NULL (an omitted TTL) means. Anything but a JSON
 -- integer from 1 to 2147483647 raises KVINV. jsonb keeps "1.0" as written,
--- so fractions are caught here; an exponent ("1e2") is normalised by the
--- jsonb parser and must be rejected by whoever parses the raw JSON.
+-- so fractions are caught here. An exponent ("1e2") is normalised by the
+-- jsonb parser, so the caller that parses the raw JSON must reject it.
 CREATE FUNCTION kvapi_data.ttl_seconds(p_ttl jsonb, p_argument text DEFAULT 'ttl')
 RETURNS bigint
 LANGUAGE plpgsql IMMUTABLE
@@ -175,7 +175,7 @@ BEGIN
     END IF;
 
     -- The row in the target tier may exist even when the key is absent
-    -- (expired, not yet purged); the usage counters count rows, so they
+    -- (expired, not yet purged). The usage counters count rows, so they
     -- need its size. FOR UPDATE keeps the purge (SKIP LOCKED) away from it.
     IF p_ephemeral THEN
         SELECT t.size_bytes INTO v_old_size FROM kvapi_data.ephemeral_entries t

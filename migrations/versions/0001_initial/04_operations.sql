@@ -39,8 +39,8 @@ BEGIN
 END
 $$;
 
--- Raise KVVER unless the precondition of an If-Match header holds: the key
--- is live and its version is in p_if_match, or p_if_match holds '*'.
+-- Raise KVVER unless the precondition of an If-Match header is met: the key
+-- is live and its version is in p_if_match, or p_if_match contains '*'.
 CREATE FUNCTION kvapi_data.check_if_match(p_key text, p_if_match text[], p_found boolean, p_version bigint)
 RETURNS void
 LANGUAGE plpgsql IMMUTABLE
@@ -59,7 +59,7 @@ $$;
 
 -- Read a key. Without p_touch the row is only read. With p_touch true (the
 -- plan's default TTL) or a TTL in seconds, an expiring key gets that TTL
--- from now; a key without expiry keeps none. Touching changes the expiry,
+-- from now, and a key without expiry keeps none. Touching changes the expiry,
 -- so it needs write access too, but it keeps the version. A missing key
 -- returns NULL in every column.
 CREATE FUNCTION kvapi.kv_get(p_app_id text, p_key text, p_touch jsonb DEFAULT NULL,
@@ -115,7 +115,7 @@ $$;
 
 -- Write a key, replacing its value, TTL and tier, and return the new
 -- version and TTL. p_ttl omitted (SQL NULL) gives the plan's default TTL,
--- never the old one; p_keep_ttl keeps the live key's expiry (a new key gets
+-- never the old one. p_keep_ttl keeps the live key's expiry (a new key gets
 -- the default) and cannot be combined with p_ttl.
 -- Preconditions, for HTTP If-Match / If-None-Match: p_if_match passes when
 -- the key is live and its version is in the array, or the array holds '*';
@@ -355,7 +355,7 @@ $$;
 -- starts at 0 with the default TTL in the durable tier; a live key keeps its
 -- TTL and tier. Raises KVNAC when the stored value is not a JSON integer
 -- (1.0, 2.5, "3" and true are not) and KVOVF when the result leaves the
--- signed 64-bit range; either way the value is unchanged.
+-- signed 64-bit range. In both cases the value is unchanged.
 CREATE FUNCTION kvapi.kv_incr(p_app_id text, p_key text, p_by bigint DEFAULT 1,
     p_requester jsonb DEFAULT NULL)
 RETURNS bigint
