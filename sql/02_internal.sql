@@ -158,9 +158,12 @@ RETURN octet_length(p_key) + octet_length(p_value::text);
 -- p_live_ephemeral is the tier of the key's live row (NULL when absent):
 -- a live row in the other tier is deleted, so the key moves. An expired row
 -- left in the other tier is invisible and the purge removes it.
--- The caller must hold lock_key for the key and has checked the quota.
+-- p_live_size is the live row's size_bytes, or NULL when the caller did not
+-- read it. The caller must hold lock_key for the key and has checked the
+-- quota.
 CREATE FUNCTION kvapi_data.write_entry(p_app_id text, p_key text, p_value jsonb,
-    p_expires_at timestamptz, p_ephemeral boolean, p_live_ephemeral boolean)
+    p_expires_at timestamptz, p_ephemeral boolean, p_live_ephemeral boolean,
+    p_live_size integer DEFAULT NULL)
 RETURNS bigint
 LANGUAGE plpgsql VOLATILE
 AS $$
@@ -170,6 +173,29 @@ DECLARE
     v_old_size integer;
     v_existed boolean;
 BEGIN
+    -- Overwriting a live key in its own tier, the common case, is one
+    -- UPDATE: the caller read the row's size under the key lock, so the
+    -- usage change is known. The UPDATE finds no row only when the purge
+    -- removed it meanwhile (its clock may be ahead of statement_timestamp),
+    -- and then the general path below inserts it again.
+    IF p_live_ephemeral = p_ephemeral AND p_live_size IS NOT NULL THEN
+        IF p_ephemeral THEN
+            UPDATE kvapi_data.ephemeral_entries t
+            SET value = p_value, version = v_version, expires_at = p_expires_at, size_bytes = v_size
+            WHERE t.app_id = p_app_id AND t.key = p_key;
+        ELSE
+            UPDATE kvapi_data.entries t
+            SET value = p_value, version = v_version, expires_at = p_expires_at, size_bytes = v_size
+            WHERE t.app_id = p_app_id AND t.key = p_key;
+        END IF;
+        IF FOUND THEN
+            IF v_size <> p_live_size THEN
+                PERFORM kvapi_data.add_usage(p_app_id, p_ephemeral, 0, v_size - p_live_size);
+            END IF;
+            RETURN v_version;
+        END IF;
+    END IF;
+
     IF p_live_ephemeral IS DISTINCT FROM p_ephemeral AND p_live_ephemeral IS NOT NULL THEN
         PERFORM kvapi_data.delete_entry(p_app_id, p_key, p_live_ephemeral);
     END IF;

@@ -23,18 +23,38 @@
 --   call them without any privilege on the tables.
 
 -- Run the checks every operation on one key starts with, in this order:
--- key, app, access for p_mode ('read' or 'write'), rate. Return the plan.
+-- key, app, caller, access for p_mode ('read' or 'write'), rate. Return the
+-- plan. The common case (valid key, trusted caller, no rate limit) costs
+-- one statement: the helpers that raise run only when a check fails or
+-- needs more than the plan row.
 CREATE FUNCTION kvapi_data.begin_operation(p_app_id text, p_key text, p_requester jsonb, p_mode text)
 RETURNS kvapi_data.plans
 LANGUAGE plpgsql VOLATILE
 AS $$
 DECLARE
     v_plan kvapi_data.plans;
+    v_app record;
 BEGIN
-    PERFORM kvapi_data.check_key(p_key);
-    v_plan := kvapi_data.app_plan(p_app_id);
-    PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, p_mode);
-    PERFORM kvapi_data.check_rate(p_app_id, v_plan.ops_per_second);
+    IF p_key IS NULL OR octet_length(p_key) NOT BETWEEN 1 AND 1024 THEN
+        PERFORM kvapi_data.check_key(p_key);
+    END IF;
+    SELECT p AS plan, kvapi_data.caller_sees_all_apps() AS caller_ok INTO v_app
+    FROM kvapi_data.apps a
+    JOIN kvapi_data.plans p ON p.plan_id = a.plan_id
+    WHERE a.app_id = p_app_id;
+    IF NOT FOUND THEN
+        PERFORM kvapi_data.app_plan(p_app_id);
+    END IF;
+    v_plan := v_app.plan;
+    IF NOT v_app.caller_ok THEN
+        PERFORM kvapi_data.check_caller(p_app_id);
+    END IF;
+    IF p_requester IS NOT NULL THEN
+        PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, p_mode);
+    END IF;
+    IF v_plan.ops_per_second IS NOT NULL THEN
+        PERFORM kvapi_data.check_rate(p_app_id, v_plan.ops_per_second);
+    END IF;
     RETURN v_plan;
 END
 $$;
@@ -73,30 +93,63 @@ DECLARE
     v_plan kvapi_data.plans;
     v_row record;
     v_seconds bigint;
+    v_ops_per_second integer;
+    v_caller_ok boolean;
+    v_version bigint;
+    v_expires_at timestamptz;
 BEGIN
-    v_plan := kvapi_data.begin_operation(p_app_id, p_key, p_requester, 'read');
-
-    IF p_touch IS NOT NULL THEN
-        IF jsonb_typeof(p_touch) = 'boolean' AND p_touch = 'true' THEN
-            v_seconds := v_plan.default_ttl_seconds;
-        ELSE
-            v_seconds := kvapi_data.ttl_seconds(p_touch, 'touch');
-            IF v_seconds IS NULL THEN
-                RAISE EXCEPTION USING ERRCODE = 'KVINV',
-                    MESSAGE = 'invalid touch null: expected true or a whole number of seconds',
-                    HINT = 'Send touch=true for the default TTL or touch=N for N seconds.';
-            END IF;
+    IF p_touch IS NULL THEN
+        -- The hottest path: one statement reads the plan, the caller's scope
+        -- and the row. The row is read before the access and rate checks,
+        -- which is safe because nothing returns until they pass.
+        IF p_key IS NULL OR octet_length(p_key) NOT BETWEEN 1 AND 1024 THEN
+            PERFORM kvapi_data.check_key(p_key);
         END IF;
-        PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'write');
-        PERFORM kvapi_data.lock_key(p_app_id, p_key);
+        SELECT p.ops_per_second, kvapi_data.caller_sees_all_apps(), f.value, f.version, f.expires_at
+        INTO v_ops_per_second, v_caller_ok, value, v_version, v_expires_at
+        FROM kvapi_data.apps a
+        JOIN kvapi_data.plans p ON p.plan_id = a.plan_id
+        LEFT JOIN kvapi_data.find_live(p_app_id, p_key, v_now) f ON true
+        WHERE a.app_id = p_app_id;
+        IF NOT FOUND THEN
+            PERFORM kvapi_data.app_plan(p_app_id);
+        END IF;
+        IF NOT v_caller_ok THEN
+            PERFORM kvapi_data.check_caller(p_app_id);
+        END IF;
+        IF p_requester IS NOT NULL THEN
+            PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'read');
+        END IF;
+        IF v_ops_per_second IS NOT NULL THEN
+            PERFORM kvapi_data.check_rate(p_app_id, v_ops_per_second);
+        END IF;
+        version := v_version::text;
+        ttl := kvapi_data.ttl_remaining(v_expires_at, v_now);
+        RETURN;
     END IF;
+
+    v_plan := kvapi_data.begin_operation(p_app_id, p_key, p_requester, 'read');
+    IF jsonb_typeof(p_touch) = 'boolean' AND p_touch = 'true' THEN
+        v_seconds := v_plan.default_ttl_seconds;
+    ELSE
+        v_seconds := kvapi_data.ttl_seconds(p_touch, 'touch');
+        IF v_seconds IS NULL THEN
+            RAISE EXCEPTION USING ERRCODE = 'KVINV',
+                MESSAGE = 'invalid touch null: expected true or a whole number of seconds',
+                HINT = 'Send touch=true for the default TTL or touch=N for N seconds.';
+        END IF;
+    END IF;
+    IF p_requester IS NOT NULL THEN
+        PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'write');
+    END IF;
+    PERFORM kvapi_data.lock_key(p_app_id, p_key);
 
     SELECT * INTO v_row FROM kvapi_data.find_live(p_app_id, p_key, v_now);
     IF NOT FOUND THEN
         RETURN;
     END IF;
 
-    IF p_touch IS NOT NULL AND v_row.expires_at IS NOT NULL THEN
+    IF v_row.expires_at IS NOT NULL THEN
         v_row.expires_at := kvapi_data.expiry_after(v_now, v_seconds);
         IF v_row.ephemeral THEN
             UPDATE kvapi_data.ephemeral_entries t SET expires_at = v_row.expires_at
@@ -175,7 +228,7 @@ BEGIN
     PERFORM kvapi_data.check_quota(v_plan, p_app_id, v_now, CASE WHEN v_found THEN 0 ELSE 1 END,
                                    v_size - coalesce(v_row.size_bytes, 0));
     version := kvapi_data.write_entry(p_app_id, p_key, p_value, v_expires_at,
-                                      p_ephemeral, v_row.ephemeral)::text;
+                                      p_ephemeral, v_row.ephemeral, v_row.size_bytes)::text;
     ttl := kvapi_data.ttl_remaining(v_expires_at, v_now);
 END
 $$;
@@ -290,7 +343,7 @@ BEGIN
     PERFORM kvapi_data.check_quota(v_plan, p_app_id, v_now, CASE WHEN v_found THEN 0 ELSE 1 END,
                                    kvapi_data.entry_size(p_key, p_next) - coalesce(v_row.size_bytes, 0));
     PERFORM kvapi_data.write_entry(p_app_id, p_key, p_next, v_expires_at,
-                                   coalesce(v_row.ephemeral, false), v_row.ephemeral);
+                                   coalesce(v_row.ephemeral, false), v_row.ephemeral, v_row.size_bytes);
     RETURN true;
 END
 $$;
@@ -346,7 +399,7 @@ BEGIN
     PERFORM kvapi_data.check_quota(v_plan, p_app_id, v_now, CASE WHEN v_found THEN 0 ELSE 1 END,
                                    kvapi_data.entry_size(p_key, to_jsonb(v_result)) - coalesce(v_row.size_bytes, 0));
     PERFORM kvapi_data.write_entry(p_app_id, p_key, to_jsonb(v_result), v_expires_at,
-                                   coalesce(v_row.ephemeral, false), v_row.ephemeral);
+                                   coalesce(v_row.ephemeral, false), v_row.ephemeral, v_row.size_bytes);
     RETURN v_result::bigint;
 END
 $$;
@@ -480,14 +533,30 @@ BEGIN
             HINT = 'Split the request into batches of at most 1000 keys.';
     END IF;
     v_plan := kvapi_data.app_plan(p_app_id);
-    FOREACH v_key IN ARRAY p_keys LOOP
-        PERFORM kvapi_data.check_key(v_key);
-        PERFORM kvapi_data.check_access(p_app_id, v_key, p_requester, 'read');
-    END LOOP;
-    IF cardinality(p_keys) = 0 THEN
+    IF p_requester IS NULL THEN
+        -- A trusted caller needs one caller check, not one per key. The
+        -- first key is checked before it, as in the loop below.
+        IF cardinality(p_keys) > 0 THEN
+            PERFORM kvapi_data.check_key(p_keys[1]);
+        END IF;
         PERFORM kvapi_data.check_caller(p_app_id);
+        FOREACH v_key IN ARRAY p_keys LOOP
+            IF v_key IS NULL OR octet_length(v_key) NOT BETWEEN 1 AND 1024 THEN
+                PERFORM kvapi_data.check_key(v_key);
+            END IF;
+        END LOOP;
+    ELSE
+        FOREACH v_key IN ARRAY p_keys LOOP
+            PERFORM kvapi_data.check_key(v_key);
+            PERFORM kvapi_data.check_access(p_app_id, v_key, p_requester, 'read');
+        END LOOP;
+        IF cardinality(p_keys) = 0 THEN
+            PERFORM kvapi_data.check_caller(p_app_id);
+        END IF;
     END IF;
-    PERFORM kvapi_data.check_rate(p_app_id, v_plan.ops_per_second);
+    IF v_plan.ops_per_second IS NOT NULL THEN
+        PERFORM kvapi_data.check_rate(p_app_id, v_plan.ops_per_second);
+    END IF;
 
     SELECT coalesce(jsonb_agg(f.value ORDER BY k.ordinality), '[]'::jsonb) INTO v_values
     FROM unnest(p_keys) WITH ORDINALITY AS k (key, ordinality)
@@ -515,6 +584,7 @@ DECLARE
     v_live record;
     v_keys text[] := '{}';
     v_live_tiers boolean[] := '{}';
+    v_live_sizes integer[] := '{}';
     v_added_keys integer := 0;
     v_added_bytes bigint := 0;
     v_count integer;
@@ -560,12 +630,13 @@ BEGIN
                          - coalesce(v_live.size_bytes, 0);
         v_keys := v_keys || v_entry.key;
         v_live_tiers := v_live_tiers || v_live.ephemeral;
+        v_live_sizes := v_live_sizes || v_live.size_bytes;
     END LOOP;
     PERFORM kvapi_data.check_quota(v_plan, p_app_id, v_now, v_added_keys, v_added_bytes);
 
     FOR v_index IN 1..cardinality(v_keys) LOOP
         PERFORM kvapi_data.write_entry(p_app_id, v_keys[v_index], p_entries -> v_keys[v_index],
-                                       v_expires_at, p_ephemeral, v_live_tiers[v_index]);
+                                       v_expires_at, p_ephemeral, v_live_tiers[v_index], v_live_sizes[v_index]);
     END LOOP;
     RETURN v_count;
 END

@@ -2,7 +2,7 @@
 -- and the binding of database roles to apps.
 --
 -- Two checks guard every key operation, inside the same function call:
--- 1. kvapi_data.caller_app_scope(): which apps the database session may
+-- 1. kvapi_data.check_caller(): which apps the database session may
 --    touch at all. Superusers and members of kvapi_api (the HTTP layer's
 --    role) may touch every app; a role bound with `kvapi apps grant-role`
 --    only its own app. The check uses session_user (the login role), because
@@ -46,19 +46,21 @@ CREATE TABLE kvapi_data.role_bindings (
     app_id    text NOT NULL REFERENCES kvapi_data.apps ON DELETE CASCADE
 );
 
+-- Whether the session may touch every app: superusers (members of every
+-- role) and members of kvapi_api. A LANGUAGE sql function without SET
+-- clauses or subqueries, so the planner inlines it into the statements of
+-- the hot paths; those call check_caller only when it is false.
+CREATE FUNCTION kvapi_data.caller_sees_all_apps() RETURNS boolean
+LANGUAGE sql STABLE
+RETURN pg_has_role(session_user, 'kvapi_api', 'MEMBER');
+
 -- Raise KVFOR unless the session may touch p_app_id (see the header).
 CREATE FUNCTION kvapi_data.check_caller(p_app_id text) RETURNS void
 LANGUAGE plpgsql STABLE
 AS $$
-DECLARE
-    v_bound_app text;
 BEGIN
-    IF pg_has_role(session_user, 'kvapi_api', 'MEMBER')
-       OR (SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = session_user) THEN
-        RETURN;
-    END IF;
-    SELECT b.app_id INTO v_bound_app FROM kvapi_data.role_bindings b WHERE b.role_name = session_user;
-    IF v_bound_app = p_app_id THEN
+    IF kvapi_data.caller_sees_all_apps()
+       OR EXISTS (SELECT FROM kvapi_data.role_bindings b WHERE b.role_name = session_user AND b.app_id = p_app_id) THEN
         RETURN;
     END IF;
     RAISE EXCEPTION USING ERRCODE = 'KVFOR',

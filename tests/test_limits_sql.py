@@ -715,6 +715,32 @@ def test_usage_exact_after_mixed_operations(kv):
     assert kv.counted()[0] == 19
 
 
+
+@pytest.mark.parametrize("ephemeral", [False, True])
+def test_overwrite_after_purge_inserts_row(kv, ephemeral):
+    """write_entry overwrites a live key with one UPDATE. When the purge
+    deleted the row between the caller's read and that UPDATE, the write
+    inserts the row again and counts it as a new key."""
+    kv.use_plan(max_keys=10, max_total_bytes=1000)
+    kv.set("k", string_value(10), ephemeral=ephemeral)
+    table = "kvapi_data.ephemeral_entries" if ephemeral else "kvapi_data.entries"
+    with kv.conn.transaction():
+        kv.conn.execute("SELECT kvapi_data.lock_key(%s, 'k')", [kv.app_id])
+        # What the purge does to a row it finds expired: delete it and
+        # take it off the usage counters.
+        size = kv.scalar(f"DELETE FROM {table} WHERE app_id = %s AND key = 'k' RETURNING size_bytes", [kv.app_id])
+        kv.conn.execute("SELECT kvapi_data.add_usage(%s, %s, -1, -%s)", [kv.app_id, ephemeral, size])
+        # The writer still passes the size it read before the delete.
+        kv.scalar(
+            "SELECT kvapi_data.write_entry(%s, 'k', %s::jsonb, now() + interval '1 hour', %s, %s, %s)",
+            [kv.app_id, string_value(20), ephemeral, ephemeral, size],
+        )
+
+    assert kv.value("k") == string_value(20)
+    assert kv.counted() == (1, row_size("k", string_value(20)))
+    assert kv.counted() == kv.recounted()
+
+
 # concurrency
 
 def run_writers(url: str, count: int, work: Callable[[psycopg.Connection, int], Any]) -> list[Any]:
