@@ -5,11 +5,13 @@
 2. EXPLAIN ANALYZE of the prepared get under a generic and a custom plan,
    and the relation locks one execution takes (fast-path or not).
 3. Mean latency at 1 client of each step kv_get makes, one statement each.
-4. An experiment in the benchmark's own throwaway database: the internal
-   kvapi_data helpers lose their `SET search_path` clause (ALTER FUNCTION
-   ... RESET ALL). That lets PostgreSQL inline the SQL-language ones and
-   skips a configuration save and restore on every call. kv_get, kv_set and
-   kv_incr are measured again, then the clauses are restored.
+4. The floor under kv_get, built in the benchmark's own throwaway
+   database: a PL/pgSQL function shaped like kv_get (SECURITY DEFINER,
+   pinned search_path, both tiers read in one statement) that does nothing
+   else, on kvapi's tables (16 hash partitions each), on copies with 4
+   partitions and on plain copies. Next to the raw get on the same tables
+   and kv_get, it splits kv_get's cost into the function call, the second
+   tier, the partitions and kvapi's own checks.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ STEPS = [
     ("kvapi_data.check_key", f"SELECT kvapi_data.check_key({KEY});"),
     ("kvapi_data.app_plan", "SELECT kvapi_data.app_plan(:app);"),
     ("kvapi_data.check_caller", "SELECT kvapi_data.check_caller(:app);"),
+    ("kvapi_data.caller_sees_all_apps", "SELECT kvapi_data.caller_sees_all_apps();"),
     ("kvapi_data.begin_operation", f"SELECT kvapi_data.begin_operation(:app, {KEY}, NULL, 'read');"),
     ("kvapi_data.find_live", f"SELECT * FROM kvapi_data.find_live(:app, {KEY}, now());"),
     ("find_live's query, inline", None),
@@ -56,12 +59,38 @@ FIND_LIVE_QUERY = (
     "UNION ALL SELECT e.value, e.version, e.expires_at, true FROM kvapi_data.ephemeral_entries e "
     f"WHERE e.app_id = :app AND e.key = {KEY} AND (e.expires_at IS NULL OR e.expires_at > now()) LIMIT 1;"
 )
-# The helpers that lose their SET clause in the experiment: every function
-# of schema kvapi_data that has one and is not SECURITY DEFINER.
-HELPERS_WITH_CONFIG = """
-SELECT p.oid::regprocedure::text, p.proconfig
-FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-WHERE n.nspname = 'kvapi_data' AND p.proconfig IS NOT NULL AND NOT p.prosecdef AND p.prokind = 'f'
+# Table layouts of the floor experiment: schema, then partitions per table
+# (0 for plain tables). bench_plain is the benchmark's plain copy.
+FLOOR_LAYOUTS = [("kvapi_data", 16), ("bench_p4", 4), ("bench_plain", 0)]
+FOUR_PARTITIONS = """
+CREATE SCHEMA bench_p4;
+CREATE TABLE bench_p4.entries (LIKE kvapi_data.entries INCLUDING ALL) PARTITION BY HASH (app_id);
+CREATE TABLE bench_p4.ephemeral_entries (LIKE kvapi_data.ephemeral_entries INCLUDING ALL) PARTITION BY HASH (app_id);
+"""
+FOUR_PARTITION_TABLES = """
+SELECT format('CREATE TABLE bench_p4.entries_p%s PARTITION OF bench_p4.entries FOR VALUES WITH (MODULUS 4, REMAINDER %s)', r, r),
+       format('CREATE UNLOGGED TABLE bench_p4.ephemeral_entries_p%s PARTITION OF bench_p4.ephemeral_entries '
+              'FOR VALUES WITH (MODULUS 4, REMAINDER %s)', r, r)
+FROM generate_series(0, 3) AS r
+"""
+# kv_get's shape without its checks: one statement over both tiers.
+FLOOR_FUNCTION = """
+CREATE FUNCTION bench_floor.get_{schema}(p_app_id text, p_key text, OUT value jsonb, OUT version text, OUT ttl bigint)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+    v_row record;
+BEGIN
+    SELECT d.value, d.version, d.expires_at INTO v_row FROM {schema}.entries d
+    WHERE d.app_id = p_app_id AND d.key = p_key AND (d.expires_at IS NULL OR d.expires_at > statement_timestamp())
+    UNION ALL
+    SELECT e.value, e.version, e.expires_at FROM {schema}.ephemeral_entries e
+    WHERE e.app_id = p_app_id AND e.key = p_key AND (e.expires_at IS NULL OR e.expires_at > statement_timestamp())
+    LIMIT 1;
+    value := v_row.value;
+    version := v_row.version::text;
+    ttl := ceil(extract(epoch FROM v_row.expires_at - statement_timestamp()))::bigint;
+END
+$$
 """
 
 
@@ -77,7 +106,7 @@ def run(environment: BenchEnvironment, args: argparse.Namespace) -> dict:
     sections.append(text)
     result["steps"], text = step_costs(environment, max(1.0, duration / 2))
     sections.append(text)
-    result["without_set_clause"], text = helpers_without_set_clause(environment, clients_list, duration)
+    result["floor"], text = floor_under_kv_get(environment, clients_list, duration)
     sections.append(text)
     result["text"] = "Diagnosis\n\n" + "\n\n".join(sections)
     return result
@@ -160,36 +189,42 @@ def step_costs(environment: BenchEnvironment, duration: float) -> tuple[list, st
                   + report.format_table(MEASUREMENT_HEADER, rows))
 
 
-def helpers_without_set_clause(environment: BenchEnvironment, clients_list: list[int], duration: float) -> tuple[list, str]:
-    cases = ["get", "set_durable", "incr"]
-    data, rows = [], []
+def floor_under_kv_get(environment: BenchEnvironment, clients_list: list[int], duration: float) -> tuple[list, str]:
     with psycopg.connect(environment.database_url, autocommit=True) as connection:
-        helpers = connection.execute(HELPERS_WITH_CONFIG).fetchall()
+        connection.execute(FOUR_PARTITIONS)
+        for (create_durable, create_ephemeral) in connection.execute(FOUR_PARTITION_TABLES).fetchall():
+            connection.execute(create_durable)
+            connection.execute(create_ephemeral)
+        connection.execute("INSERT INTO bench_p4.entries SELECT * FROM kvapi_data.entries")
+        connection.execute("INSERT INTO bench_p4.ephemeral_entries SELECT * FROM kvapi_data.ephemeral_entries")
+        connection.execute("ANALYZE bench_p4.entries")
+        connection.execute("ANALYZE bench_p4.ephemeral_entries")
+        connection.execute("CREATE SCHEMA bench_floor")
+        for schema, _ in FLOOR_LAYOUTS:
+            connection.execute(FLOOR_FUNCTION.format(schema=schema))
 
-    def measure(variant: str) -> None:
-        for case in cases:
-            for clients in clients_list:
-                if case in workloads.WRITE_CASES:
-                    environment.execute("CHECKPOINT")
-                script = environment.write_script(f"experiment_{case}", workloads.pgbench_script("functions", case, environment.keys))
-                measurement = environment.run_pgbench(script, clients, duration)
-                data.append({"variant": variant, "case": case, "clients": clients, "ops_per_second": measurement.ops_per_second,
-                             "mean_ms": measurement.mean_ms, "p99_ms": measurement.p99_ms, "errors": measurement.errors})
-                rows.append(_row(f"{workloads.CASE_TITLES[case]}, {variant}", clients, measurement))
-                progress("diagnose", rows[-1])
+    key_id = workloads.KEY_ID.format(keys=environment.keys)
+    scripts = []
+    for schema, partitions in FLOOR_LAYOUTS:
+        layout = f"{partitions} partitions" if partitions else "plain tables"
+        raw = (f"SELECT value, version, expires_at FROM {schema}.entries WHERE app_id = :app AND key = 'k:' || :id "
+               f"AND {workloads.LIVE};\n")
+        scripts.append((f"raw get, {layout}", key_id + raw))
+        scripts.append((f"PL/pgSQL floor, both tiers, {layout}",
+                        key_id + f"SELECT value, version, ttl FROM bench_floor.get_{schema}(:app, 'k:' || :id);\n"))
+    scripts.append(("kvapi.kv_get, 16 partitions", workloads.pgbench_script("functions", "get", environment.keys)))
 
-    measure("as shipped")
-    try:
-        with psycopg.connect(environment.database_url, autocommit=True) as connection:
-            for signature, _ in helpers:
-                connection.execute(f"ALTER FUNCTION {signature} RESET ALL")
-        measure(f"{len(helpers)} helpers without SET")
-    finally:
-        with psycopg.connect(environment.database_url, autocommit=True) as connection:
-            for signature, config in helpers:
-                for setting in config:
-                    name, _, value = setting.partition("=")
-                    connection.execute(f"ALTER FUNCTION {signature} SET {name} = {value}")
-    names = ", ".join(signature.split("(")[0].removeprefix("kvapi_data.") for signature, _ in helpers)
-    return data, (f"kvapi SQL functions with the SET search_path clause removed from the internal helpers "
-                  f"({names})\n" + report.format_table(MEASUREMENT_HEADER, rows))
+    data, rows = [], []
+    for index, (label, text) in enumerate(scripts):
+        script = environment.write_script(f"diagnose_floor_{index}", text)
+        for clients in clients_list:
+            measurement = environment.run_pgbench(script, clients, duration)
+            data.append({"script": label, "clients": clients, "ops_per_second": measurement.ops_per_second,
+                         "mean_ms": measurement.mean_ms, "p99_ms": measurement.p99_ms,
+                         "pg_cpu_seconds": measurement.server_cpu_seconds.get("postgres"),
+                         "operations": measurement.operations, "errors": measurement.errors,
+                         "error_detail": measurement.error_detail})
+            rows.append(_row(label, clients, measurement))
+            progress("diagnose", rows[-1])
+    return data, ("The floor under kv_get: raw get and a PL/pgSQL function shaped like kv_get without its checks, "
+                  "by table layout\n" + report.format_table(MEASUREMENT_HEADER, rows))

@@ -79,13 +79,17 @@ def pgbench_log_latencies(log_dir: Path, prefix: str) -> list[float]:
 
 
 def run_pgbench(database_url: str, script_path: Path, *, clients: int, duration: float, seed: int,
-                variables: dict[str, str], log_dir: Path, extra_env: dict[str, str] | None = None) -> Measurement:
-    """Run one pgbench script with prepared statements and parse tps and latencies."""
+                variables: dict[str, str], log_dir: Path, extra_env: dict[str, str] | None = None,
+                extra_files: list[Path] | None = None) -> Measurement:
+    """Run a pgbench script with prepared statements and parse tps and
+    latencies. With extra_files, each transaction runs one of the scripts,
+    chosen at random with equal weights."""
     prefix = f"pgbench_{script_path.stem}"
     command = [
         "pgbench", "--no-vacuum", "--protocol=prepared",
         f"--client={clients}", f"--jobs={threads_for(clients)}", f"--time={max(1, round(duration))}",
-        f"--random-seed={seed}", f"--file={script_path}", "--log", f"--log-prefix={log_dir / prefix}",
+        f"--random-seed={seed}", f"--file={script_path}", *[f"--file={path}" for path in extra_files or []],
+        "--log", f"--log-prefix={log_dir / prefix}",
         *[f"--define={name}={value}" for name, value in variables.items()],
         database_url,
     ]

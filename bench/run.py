@@ -5,6 +5,7 @@ target and client count, with the ratios that kvapi aims for.
     python -m bench.run --quick               # 1 s each, 1 client, 1000 keys
     python -m bench.run --cases get,set_durable --targets functions,http --clients 8
     python -m bench.run --large-keys 1000000 --cases none   # large-data report only
+    python -m bench.run --soak 600 --cases none --targets functions   # soak report only
 
 Everything runs on 127.0.0.1 in a temporary folder, and every process the
 run starts is stopped by PID when it ends. See docs/benchmarks.md.
@@ -21,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import diagnose, large, profile, report, workloads
+from bench import diagnose, large, profile, report, soak, workloads
 from bench.environment import BenchEnvironment
 
 logger = logging.getLogger("bench")
@@ -67,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--small-keys", type=int, default=10_000, help="key count of the large-data report's small side (default: 10000)")
     parser.add_argument("--purge-keys", type=int, default=100_000, help="expired keys that the large-data report purges (default: 100000)")
     parser.add_argument("--large-clients", type=int, default=8, help="clients of the large-data report's runs (default: 8)")
+    parser.add_argument("--soak", type=float, default=0.0, metavar="SECONDS",
+                        help="also run the soak report: touch and incr for SECONDS, sampling the table's size (default: off)")
+    parser.add_argument("--soak-clients", type=int, default=8, help="clients of the soak run (default: 8)")
+    parser.add_argument("--soak-interval", type=float, default=30.0, help="seconds between the soak's samples (default: 30)")
     parser.add_argument("--output", type=Path, help="folder for results.json, server logs and profiles (default: none)")
     return parser
 
@@ -157,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
                 output["profile"] = profile.run(environment, args)
             if args.large_keys > 0:
                 output["large"] = large.run(environment, args)
+            if args.soak > 0:
+                output["soak"] = soak.run(environment, args)
 
             info["load_average_at_end"] = report.load_average()
             print("\nResults (CPU columns: CPU microseconds per operation of PostgreSQL, of the HTTP or Redis "
@@ -164,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             print(report.results_table(results))
             print("\nRatios\n")
             print(report.ratios_table(ratios, args.clients))
-            for section in ("diagnosis", "profile", "large"):
+            for section in ("diagnosis", "profile", "large", "soak"):
                 if section in output:
                     print(f"\n{output[section]['text']}")
             print(f"\nload average (1, 5, 15 min): start {info['load_average_at_start']}, end {info['load_average_at_end']}")
