@@ -7,6 +7,9 @@ under /v1/{app_id}/kv/ it decodes the key once from scope["raw_path"],
 stores it and the app id in the scope, and rewrites the path to
 /v1/{app_id}/kv/key, which always matches the key routes. Handlers take the
 key and app id from the scope, never from the rewritten path.
+
+The hottest methods (GET and PUT of a key) can skip Litestar: a handler
+given for the method serves the request from the decoded key as raw ASGI.
 """
 
 from __future__ import annotations
@@ -43,11 +46,16 @@ def decode_key(raw: bytes) -> str:
     return key
 
 
+# handler(scope, receive, send, app_id, key) serves a request for a non-empty, decoded key.
+KeyHandler = Callable[[Scope, Any, Any, str, str], Awaitable[None]]
+
+
 class KeyPathRouter:
     """ASGI wrapper that routes /v1/{app_id}/kv/{key} by its raw path."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, handlers: dict[str, KeyHandler] | None = None) -> None:
         self.app = app
+        self.handlers = handlers or {}
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
@@ -61,6 +69,11 @@ class KeyPathRouter:
                 except ValueError as error:
                     scope[KEY_ERROR_SCOPE] = str(error)
                 scope[APP_ID_SCOPE] = app_id
+                key = scope.get(KEY_SCOPE)
+                handler = self.handlers.get(scope["method"])
+                if handler is not None and key:
+                    await handler(scope, receive, send, app_id, key)
+                    return
                 # A placeholder replaces app ids that are not valid path
                 # segments, and the handler reports them as unknown apps.
                 routable_app_id = app_id if _APP_ID.fullmatch(app_id) else "_"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
@@ -29,14 +30,14 @@ logger = logging.getLogger(__name__)
 JSON = "application/json"
 # p_requester of an anonymous request; see kvapi_data.check_access.
 ANONYMOUS = "{}"
-_encode = msgspec.json.encode
+encode_json = msgspec.json.encode
 _TOUCH_SECONDS = re.compile(r"[0-9]{1,20}")
 _LIMIT = re.compile(r"[0-9]{1,9}")
 APP_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def json_response(content: dict[str, Any], status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(content=_encode(content), status_code=status_code, media_type=JSON, headers=headers)
+    return Response(content=encode_json(content), status_code=status_code, media_type=JSON, headers=headers)
 
 
 def etag(version: str) -> str:
@@ -91,8 +92,14 @@ def key_from_scope(request: Request) -> tuple[str, str]:
 _UNCOUNTED_FAILURES = frozenset({"KV_RATE_LIMITED", "KV_APP_NOT_FOUND", "KV_UNAUTHORIZED"})
 
 
-async def run(
-    request: Request,
+async def run(request: Request, app_id: str, statement: str, params: dict[str, Any], **options: bool) -> tuple[Any, ...] | None:
+    """Run one statement for a Litestar request; see call_function."""
+    return await call_function(request.app.state, request.headers.get("authorization"), app_id, statement, params, **options)
+
+
+async def call_function(
+    state: Any,
+    authorization: str | None,
     app_id: str,
     statement: str,
     params: dict[str, Any],
@@ -100,20 +107,22 @@ async def run(
     service_only: bool = False,
     rate_limited: bool = True,
 ) -> tuple[Any, ...] | None:
-    """Authenticate the request for app_id, run one statement, and return its row.
+    """Authenticate a request for app_id, run one statement, and return its row.
 
-    Service keys run the statement as a trusted caller. End users and
-    anonymous requests pass their identity as p_requester, so the SQL
-    function checks the access rules in the same call. Database errors
-    become KvErrors by their SQLSTATE, while connection failures and pool
-    timeouts propagate to the app's 503 handler."""
+    state is the app state holding the pool and the credential cache, and
+    authorization the request's Authorization header. Service keys run the
+    statement as a trusted caller. End users and anonymous requests pass
+    their identity as p_requester, so the SQL function checks the access
+    rules in the same call. Database errors become KvErrors by their
+    SQLSTATE, while connection failures and pool timeouts propagate to the
+    caller's 503 handling."""
     if not APP_ID.fullmatch(app_id):
         # No such app can exist (kvapi_data.apps checks the same pattern).
         raise KvError("KV_APP_NOT_FOUND", f"app {app_id!r} not found")
-    credentials = parse_authorization(request.headers.get("authorization"))
-    cache: CredentialCache = request.app.state.credentials
+    credentials = parse_authorization(authorization)
+    cache: CredentialCache = state.credentials
     params["app_id"] = app_id
-    async with request.app.state.pool.connection() as connection:
+    async with state.pool.connection() as connection:
         try:
             if credentials.is_service:
                 await cache.authenticate_service_key(connection, app_id, credentials.key_hash)
@@ -169,15 +178,21 @@ def touch_param(touch: str | None) -> str | None:
 )
 async def get_key(request: Request, touch: FromQuery[str | None] = None) -> Response:
     app_id, key = key_from_scope(request)
-    row = await run(request, app_id, statements.GET, {"key": key, "touch": touch_param(touch)})
+    status, headers, body = await read_key(request.app.state, request.headers.get("authorization"), app_id, key, touch)
+    return Response(content=body, status_code=status, media_type=JSON, headers=headers)
+
+
+async def read_key(state: Any, authorization: str | None, app_id: str, key: str, touch: str | None) -> tuple[int, dict[str, str] | None, bytes]:
+    """Read one key for GET and return (status, extra headers, JSON body).
+    The Litestar route and KeyPathRouter's raw ASGI path share it. Raises
+    KvError and database errors like every handler."""
+    row = await call_function(state, authorization, app_id, statements.GET, {"key": key, "touch": touch_param(touch)})
     value, version, ttl = row
     if value is None:
-        return json_response(
-            {"value": None, "error": {"code": "KV_NOT_FOUND", "message": f"key {key!r} not found"}},
-            status_code=404,
-        )
+        body = {"value": None, "error": {"code": "KV_NOT_FOUND", "message": f"key {key!r} not found"}}
+        return 404, None, encode_json(body)
     body = {"key": key, "value": msgspec.Raw(value), "ttl": ttl, "version": version}
-    return json_response(body, headers={"ETag": etag(version)})
+    return 200, {"ETag": etag(version)}, encode_json(body)
 
 
 @head("/v1/{app_id:str}/kv/{key:path}", summary="Check that a key exists", description="200 when the key exists, else 404; no body.")
@@ -196,18 +211,26 @@ async def head_key(request: Request) -> Response[None]:
 )
 async def put_key(request: Request) -> Response:
     app_id, key = key_from_scope(request)
-    body = bodies.decode(await request.body(), bodies.PutBody, '{"value": ..., "ttl"?, "keepTtl"?, "ephemeral"?}')
+    status, headers, body = await write_key(request.app.state, request.headers, app_id, key, await request.body())
+    return Response(content=body, status_code=status, media_type=JSON, headers=headers)
+
+
+async def write_key(state: Any, headers: Mapping[str, str], app_id: str, key: str, body: bytes) -> tuple[int, dict[str, str] | None, bytes]:
+    """Write one key for PUT and return (status, extra headers, JSON body).
+    headers maps lower-case request header names to values. The Litestar
+    route and KeyPathRouter's raw ASGI path share it."""
+    decoded = bodies.decode(body, bodies.PutBody, '{"value": ..., "ttl"?, "keepTtl"?, "ephemeral"?}')
     params = {
         "key": key,
-        "value": bodies.raw_text(body.value),
-        "ttl": bodies.ttl_param(body.ttl),
-        "keep_ttl": body.keep_ttl,
-        "ephemeral": body.ephemeral,
-        "if_match": parse_if_match(request.headers.get("if-match")),
-        "if_absent": parse_if_none_match(request.headers.get("if-none-match")),
+        "value": bodies.raw_text(decoded.value),
+        "ttl": bodies.ttl_param(decoded.ttl),
+        "keep_ttl": decoded.keep_ttl,
+        "ephemeral": decoded.ephemeral,
+        "if_match": parse_if_match(headers.get("if-match")),
+        "if_absent": parse_if_none_match(headers.get("if-none-match")),
     }
-    version, ttl = await run(request, app_id, statements.SET, params)
-    return json_response({"key": key, "ttl": ttl, "version": version}, headers={"ETag": etag(version)})
+    version, ttl = await call_function(state, headers.get("authorization"), app_id, statements.SET, params)
+    return 200, {"ETag": etag(version)}, encode_json({"key": key, "ttl": ttl, "version": version})
 
 
 @delete(
