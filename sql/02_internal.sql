@@ -87,10 +87,13 @@ RETURNS bigint
 LANGUAGE sql IMMUTABLE
 RETURN ceil(extract(epoch FROM p_expires_at - p_now))::bigint;
 
--- Expiry time for a TTL in seconds; NULL seconds means no expiry.
+-- Expiry time for a TTL in seconds; NULL seconds means no expiry. STABLE,
+-- not IMMUTABLE: timestamptz + interval depends on the TimeZone setting, and
+-- PostgreSQL inlines a SQL function only when its body is no more volatile
+-- than declared (called instead, it is planned again on every call).
 CREATE FUNCTION kvapi_data.expiry_after(p_now timestamptz, p_seconds bigint)
 RETURNS timestamptz
-LANGUAGE sql IMMUTABLE
+LANGUAGE sql STABLE
 RETURN p_now + make_interval(secs => p_seconds);
 
 -- Raise KVINV for a NULL or JSON null value and KVBIG for one whose stored

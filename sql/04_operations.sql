@@ -412,17 +412,27 @@ $$;
 CREATE FUNCTION kvapi.kv_incr(p_app_id text, p_key text, p_by bigint DEFAULT 1,
     p_requester jsonb DEFAULT NULL)
 RETURNS bigint
-LANGUAGE sql VOLATILE SECURITY DEFINER
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-RETURN kvapi_data.add_to_counter(p_app_id, p_key, p_by, p_requester);
+AS $$
+BEGIN
+    -- PL/pgSQL, not SQL: a SECURITY DEFINER SQL function is never inlined,
+    -- and PostgreSQL 15 plans its body again on every call.
+    RETURN kvapi_data.add_to_counter(p_app_id, p_key, p_by, p_requester);
+END
+$$;
 
 -- Subtract p_by from an integer counter; see kv_incr.
 CREATE FUNCTION kvapi.kv_decr(p_app_id text, p_key text, p_by bigint DEFAULT 1,
     p_requester jsonb DEFAULT NULL)
 RETURNS bigint
-LANGUAGE sql VOLATILE SECURITY DEFINER
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
-RETURN kvapi_data.add_to_counter(p_app_id, p_key, -(p_by::numeric), p_requester);
+AS $$
+BEGIN
+    RETURN kvapi_data.add_to_counter(p_app_id, p_key, -(p_by::numeric), p_requester);
+END
+$$;
 
 -- Whether a live key exists.
 CREATE FUNCTION kvapi.kv_exists(p_app_id text, p_key text, p_requester jsonb DEFAULT NULL)

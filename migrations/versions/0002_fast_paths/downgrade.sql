@@ -59,6 +59,13 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION kvapi.kv_decr(p_app_id text, p_key text, p_by bigint DEFAULT 1,
+    p_requester jsonb DEFAULT NULL)
+RETURNS bigint
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+RETURN kvapi_data.add_to_counter(p_app_id, p_key, -(p_by::numeric), p_requester);
+
 CREATE OR REPLACE FUNCTION kvapi.kv_get(p_app_id text, p_key text, p_touch jsonb DEFAULT NULL,
     p_requester jsonb DEFAULT NULL,
     OUT value jsonb, OUT version text, OUT ttl bigint)
@@ -109,6 +116,13 @@ BEGIN
     ttl := kvapi_data.ttl_remaining(v_row.expires_at, v_now);
 END
 $$;
+
+CREATE OR REPLACE FUNCTION kvapi.kv_incr(p_app_id text, p_key text, p_by bigint DEFAULT 1,
+    p_requester jsonb DEFAULT NULL)
+RETURNS bigint
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+RETURN kvapi_data.add_to_counter(p_app_id, p_key, p_by, p_requester);
 
 CREATE OR REPLACE FUNCTION kvapi.kv_mget(p_app_id text, p_keys text[], p_requester jsonb DEFAULT NULL)
 RETURNS jsonb
@@ -360,6 +374,11 @@ BEGIN
         HINT = 'Bind the role with: kvapi apps grant-role APP ROLE';
 END
 $$;
+
+CREATE OR REPLACE FUNCTION kvapi_data.expiry_after(p_now timestamptz, p_seconds bigint)
+RETURNS timestamptz
+LANGUAGE sql IMMUTABLE
+RETURN p_now + make_interval(secs => p_seconds);
 
 CREATE FUNCTION kvapi_data.write_entry(p_app_id text, p_key text, p_value jsonb,
     p_expires_at timestamptz, p_ephemeral boolean, p_live_ephemeral boolean)

@@ -6,6 +6,8 @@
 -- * write_entry overwrites a live key of the same tier with one UPDATE
 --   (new argument p_live_size, so the function is dropped and created).
 -- * kv_mget checks a trusted caller once instead of once per key.
+-- * expiry_after is STABLE, as its body is, so PostgreSQL inlines it.
+-- * kv_incr and kv_decr are PL/pgSQL, whose plans are cached, not SQL.
 
 DROP FUNCTION kvapi_data.write_entry(text, text, jsonb, timestamptz, boolean, boolean);
 
@@ -67,6 +69,17 @@ BEGIN
     PERFORM kvapi_data.write_entry(p_app_id, p_key, p_next, v_expires_at,
                                    coalesce(v_row.ephemeral, false), v_row.ephemeral, v_row.size_bytes);
     RETURN true;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION kvapi.kv_decr(p_app_id text, p_key text, p_by bigint DEFAULT 1,
+    p_requester jsonb DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RETURN kvapi_data.add_to_counter(p_app_id, p_key, -(p_by::numeric), p_requester);
 END
 $$;
 
@@ -151,6 +164,19 @@ BEGIN
     value := v_row.value;
     version := v_row.version::text;
     ttl := kvapi_data.ttl_remaining(v_row.expires_at, v_now);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION kvapi.kv_incr(p_app_id text, p_key text, p_by bigint DEFAULT 1,
+    p_requester jsonb DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- PL/pgSQL, not SQL: a SECURITY DEFINER SQL function is never inlined,
+    -- and PostgreSQL 15 plans its body again on every call.
+    RETURN kvapi_data.add_to_counter(p_app_id, p_key, p_by, p_requester);
 END
 $$;
 
@@ -433,6 +459,11 @@ BEGIN
         HINT = 'Bind the role with: kvapi apps grant-role APP ROLE';
 END
 $$;
+
+CREATE OR REPLACE FUNCTION kvapi_data.expiry_after(p_now timestamptz, p_seconds bigint)
+RETURNS timestamptz
+LANGUAGE sql STABLE
+RETURN p_now + make_interval(secs => p_seconds);
 
 CREATE FUNCTION kvapi_data.write_entry(p_app_id text, p_key text, p_value jsonb,
     p_expires_at timestamptz, p_ephemeral boolean, p_live_ephemeral boolean,
