@@ -138,7 +138,7 @@ def ratios_table(ratios: list[dict], clients_list: list[int]) -> str:
 
 # --- the machine and the software ------------------------------------------------
 
-PYTHON_PACKAGES = ["granian", "litestar", "psycopg", "psycopg-binary", "psycopg-pool", "msgspec", "py-spy"]
+PYTHON_PACKAGES = ["granian", "uvloop", "litestar", "psycopg", "psycopg-binary", "psycopg-pool", "msgspec", "py-spy"]
 
 
 def cpu_model() -> str:

@@ -5,12 +5,12 @@ on the c: counters, half and half, for --soak seconds at --soak-clients
 clients, with autovacuum at the server's defaults. Every --soak-interval
 seconds a second connection samples the partitions of kvapi_data.entries
 from pg_stat_user_tables and the size functions: total size (indexes and
-TOAST included), heap size, live and dead tuples, updates, HOT updates and
-autovacuum runs. The report lists the samples and compares the last size
-with the first.
+TOAST included), heap size, primary key and expiry index sizes, live and
+dead tuples, updates, HOT updates and autovacuum runs. The report lists
+the samples and compares the last size with the first.
 
-Touch changes expires_at, which the expiry index covers, so its updates can
-never be HOT. An incr changes only the value and the version, so its update
+Touch changes expires_at, which the expiry indexes cover, so its updates
+can never be HOT. An incr changes only the value and the version, so its update
 is HOT when the row's page has room for the new version.
 """
 
@@ -28,12 +28,16 @@ from bench.report import progress
 
 SAMPLE = """
 SELECT sum(pg_total_relation_size(s.relid)), sum(pg_relation_size(s.relid)),
+       (SELECT sum(pg_relation_size(x.indexrelid)) FILTER (WHERE x.indisprimary) FROM pg_index x
+        JOIN pg_inherits j ON j.inhrelid = x.indrelid WHERE j.inhparent = 'kvapi_data.entries'::regclass),
+       (SELECT sum(pg_relation_size(x.indexrelid)) FILTER (WHERE NOT x.indisprimary) FROM pg_index x
+        JOIN pg_inherits j ON j.inhrelid = x.indrelid WHERE j.inhparent = 'kvapi_data.entries'::regclass),
        sum(s.n_live_tup), sum(s.n_dead_tup), sum(s.n_tup_upd), sum(s.n_tup_hot_upd), sum(s.autovacuum_count)
 FROM pg_stat_user_tables s
 JOIN pg_inherits i ON i.inhrelid = s.relid
 WHERE i.inhparent = 'kvapi_data.entries'::regclass
 """
-COLUMNS = ["seconds", "total_MB", "heap_MB", "live", "dead", "updates", "HOT %", "autovacuums"]
+COLUMNS = ["seconds", "total_MB", "heap_MB", "pkey_MB", "expiry_MB", "live", "dead", "updates", "HOT %", "autovacuums"]
 
 
 def touch_script(keys: int) -> str:
@@ -46,15 +50,17 @@ def incr_script(aux_keys: int) -> str:
 
 
 def sample(connection: psycopg.Connection, started: float) -> dict:
-    total, heap, live, dead, updates, hot, autovacuums = connection.execute(SAMPLE).fetchone()
+    total, heap, pkey, expiry, live, dead, updates, hot, autovacuums = connection.execute(SAMPLE).fetchone()
     return {"seconds": time.monotonic() - started, "total_bytes": int(total), "heap_bytes": int(heap),
+            "pkey_bytes": int(pkey), "expiry_index_bytes": int(expiry),
             "live": int(live), "dead": int(dead), "updates": int(updates), "hot_updates": int(hot),
             "autovacuums": int(autovacuums)}
 
 
 def row_cells(previous: dict | None, current: dict) -> list[str]:
     """Format one table row; the HOT share counts the updates since the previous sample."""
-    cells = [f"{current['seconds']:.0f}", f"{current['total_bytes'] / 2**20:,.1f}", f"{current['heap_bytes'] / 2**20:,.1f}",
+    cells = [f"{current['seconds']:.0f}",
+             *[f"{current[name] / 2**20:,.1f}" for name in ("total_bytes", "heap_bytes", "pkey_bytes", "expiry_index_bytes")],
              f"{current['live']:,}", f"{current['dead']:,}"]
     if previous is None:
         return cells + ["-", "-", str(current["autovacuums"])]
