@@ -50,7 +50,7 @@ BEGIN
         PERFORM kvapi_data.check_caller(p_app_id);
     END IF;
     IF p_requester IS NOT NULL THEN
-        PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, p_mode);
+        PERFORM kvapi_data.check_rules(p_app_id, p_key, p_requester, p_mode);
     END IF;
     IF v_plan.ops_per_second IS NOT NULL THEN
         PERFORM kvapi_data.check_rate(p_app_id, v_plan.ops_per_second);
@@ -118,7 +118,7 @@ BEGIN
             PERFORM kvapi_data.check_caller(p_app_id);
         END IF;
         IF p_requester IS NOT NULL THEN
-            PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'read');
+            PERFORM kvapi_data.check_rules(p_app_id, p_key, p_requester, 'read');
         END IF;
         IF v_ops_per_second IS NOT NULL THEN
             PERFORM kvapi_data.check_rate(p_app_id, v_ops_per_second);
@@ -140,7 +140,7 @@ BEGIN
         END IF;
     END IF;
     IF p_requester IS NOT NULL THEN
-        PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'write');
+        PERFORM kvapi_data.check_rules(p_app_id, p_key, p_requester, 'write');
     END IF;
     PERFORM kvapi_data.lock_key(p_app_id, p_key);
 

@@ -218,11 +218,23 @@ CREATE FUNCTION kvapi_data.check_access(p_app_id text, p_key text, p_requester j
 RETURNS void
 LANGUAGE plpgsql STABLE
 AS $$
+BEGIN
+    PERFORM kvapi_data.check_caller(p_app_id);
+    PERFORM kvapi_data.check_rules(p_app_id, p_key, p_requester, p_mode);
+END
+$$;
+
+-- The second half of check_access, for callers that have checked the
+-- session's scope already: raise KVFOR unless p_requester is NULL or the
+-- deciding rule grants it p_mode on p_key.
+CREATE FUNCTION kvapi_data.check_rules(p_app_id text, p_key text, p_requester jsonb, p_mode text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
 DECLARE
     v_rule kvapi_data.rules;
     v_role text;
 BEGIN
-    PERFORM kvapi_data.check_caller(p_app_id);
     IF p_requester IS NULL THEN
         RETURN;
     END IF;

@@ -355,6 +355,48 @@ BEGIN
 END
 $$;
 
+CREATE OR REPLACE FUNCTION kvapi_data.check_access(p_app_id text, p_key text, p_requester jsonb, p_mode text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    v_rule kvapi_data.rules;
+    v_role text;
+BEGIN
+    PERFORM kvapi_data.check_caller(p_app_id);
+    IF p_requester IS NULL THEN
+        RETURN;
+    END IF;
+    -- The usual requesters pass this test without a function call.
+    IF NOT coalesce(p_requester = '{}'::jsonb
+                    OR (jsonb_typeof(p_requester -> 'id') = 'string' AND jsonb_typeof(p_requester -> 'role') = 'string'
+                        AND p_requester - 'id' - 'role' = '{}'::jsonb AND p_requester ->> 'id' <> ''), false) THEN
+        PERFORM kvapi_data.check_requester(p_requester);
+    END IF;
+    SELECT * INTO v_rule FROM kvapi_data.deciding_rule(p_app_id, p_key);
+    v_role := CASE p_mode WHEN 'read' THEN v_rule.read_role ELSE v_rule.write_role END;
+    -- The common rules need no regular expression to grant: public, and
+    -- authed without a {user.role} segment. rule_grants handles the rest.
+    IF v_role = 'public' AND NOT 'role' = ANY (v_rule.placeholder_kinds) THEN
+        RETURN;
+    END IF;
+    IF v_role = 'authed' AND p_requester ? 'id' AND NOT 'role' = ANY (v_rule.placeholder_kinds) THEN
+        RETURN;
+    END IF;
+    IF kvapi_data.rule_grants(v_rule, v_role, p_key, p_requester) THEN
+        RETURN;
+    END IF;
+    -- An unknown app is KVAPP, not KVFOR, for every requester.
+    PERFORM kvapi_data.app_plan(p_app_id);
+    RAISE EXCEPTION USING ERRCODE = 'KVFOR',
+        MESSAGE = format('%s access to key %L denied for %s', p_mode, left(p_key, 64),
+                         CASE WHEN p_requester ? 'id' THEN format('user %L', p_requester ->> 'id') ELSE 'anonymous requests' END),
+        HINT = CASE WHEN v_rule.pattern IS NULL
+                    THEN 'No rule matches this key; open it with expose.'
+                    ELSE format('The deciding rule is %L (read: %s, write: %s).', v_rule.pattern, v_rule.read_role, v_rule.write_role) END;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION kvapi_data.check_caller(p_app_id text) RETURNS void
 LANGUAGE plpgsql STABLE
 AS $$
@@ -424,6 +466,8 @@ BEGIN
 END
 $$;
 
-DROP FUNCTION kvapi_data.caller_sees_all_apps();
+DROP FUNCTION kvapi_data.caller_sees_all_apps;
+
+DROP FUNCTION kvapi_data.check_rules;
 
 REVOKE EXECUTE ON FUNCTION kvapi_data.write_entry(text, text, jsonb, timestamptz, boolean, boolean) FROM PUBLIC;

@@ -6,6 +6,8 @@
 -- * write_entry overwrites a live key of the same tier with one UPDATE
 --   (new argument p_live_size, so the function is dropped and created).
 -- * kv_mget checks a trusted caller once instead of once per key.
+-- * check_rules, the rule half of check_access, for callers that have
+--   checked the session's scope already.
 -- * expiry_after is STABLE, as its body is, so PostgreSQL inlines it.
 -- * kv_incr and kv_decr are PL/pgSQL, whose plans are cached, not SQL.
 
@@ -14,6 +16,47 @@ DROP FUNCTION kvapi_data.write_entry(text, text, jsonb, timestamptz, boolean, bo
 CREATE FUNCTION kvapi_data.caller_sees_all_apps() RETURNS boolean
 LANGUAGE sql STABLE
 RETURN pg_has_role(session_user, 'kvapi_api', 'MEMBER');
+
+CREATE FUNCTION kvapi_data.check_rules(p_app_id text, p_key text, p_requester jsonb, p_mode text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    v_rule kvapi_data.rules;
+    v_role text;
+BEGIN
+    IF p_requester IS NULL THEN
+        RETURN;
+    END IF;
+    -- The usual requesters pass this test without a function call.
+    IF NOT coalesce(p_requester = '{}'::jsonb
+                    OR (jsonb_typeof(p_requester -> 'id') = 'string' AND jsonb_typeof(p_requester -> 'role') = 'string'
+                        AND p_requester - 'id' - 'role' = '{}'::jsonb AND p_requester ->> 'id' <> ''), false) THEN
+        PERFORM kvapi_data.check_requester(p_requester);
+    END IF;
+    SELECT * INTO v_rule FROM kvapi_data.deciding_rule(p_app_id, p_key);
+    v_role := CASE p_mode WHEN 'read' THEN v_rule.read_role ELSE v_rule.write_role END;
+    -- The common rules need no regular expression to grant: public, and
+    -- authed without a {user.role} segment. rule_grants handles the rest.
+    IF v_role = 'public' AND NOT 'role' = ANY (v_rule.placeholder_kinds) THEN
+        RETURN;
+    END IF;
+    IF v_role = 'authed' AND p_requester ? 'id' AND NOT 'role' = ANY (v_rule.placeholder_kinds) THEN
+        RETURN;
+    END IF;
+    IF kvapi_data.rule_grants(v_rule, v_role, p_key, p_requester) THEN
+        RETURN;
+    END IF;
+    -- An unknown app is KVAPP, not KVFOR, for every requester.
+    PERFORM kvapi_data.app_plan(p_app_id);
+    RAISE EXCEPTION USING ERRCODE = 'KVFOR',
+        MESSAGE = format('%s access to key %L denied for %s', p_mode, left(p_key, 64),
+                         CASE WHEN p_requester ? 'id' THEN format('user %L', p_requester ->> 'id') ELSE 'anonymous requests' END),
+        HINT = CASE WHEN v_rule.pattern IS NULL
+                    THEN 'No rule matches this key; open it with expose.'
+                    ELSE format('The deciding rule is %L (read: %s, write: %s).', v_rule.pattern, v_rule.read_role, v_rule.write_role) END;
+END
+$$;
 
 CREATE OR REPLACE FUNCTION kvapi.kv_cas(p_app_id text, p_key text, p_expected jsonb, p_next jsonb,
     p_ttl jsonb DEFAULT NULL, p_requester jsonb DEFAULT NULL)
@@ -119,7 +162,7 @@ BEGIN
             PERFORM kvapi_data.check_caller(p_app_id);
         END IF;
         IF p_requester IS NOT NULL THEN
-            PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'read');
+            PERFORM kvapi_data.check_rules(p_app_id, p_key, p_requester, 'read');
         END IF;
         IF v_ops_per_second IS NOT NULL THEN
             PERFORM kvapi_data.check_rate(p_app_id, v_ops_per_second);
@@ -141,7 +184,7 @@ BEGIN
         END IF;
     END IF;
     IF p_requester IS NOT NULL THEN
-        PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, 'write');
+        PERFORM kvapi_data.check_rules(p_app_id, p_key, p_requester, 'write');
     END IF;
     PERFORM kvapi_data.lock_key(p_app_id, p_key);
 
@@ -437,12 +480,22 @@ BEGIN
         PERFORM kvapi_data.check_caller(p_app_id);
     END IF;
     IF p_requester IS NOT NULL THEN
-        PERFORM kvapi_data.check_access(p_app_id, p_key, p_requester, p_mode);
+        PERFORM kvapi_data.check_rules(p_app_id, p_key, p_requester, p_mode);
     END IF;
     IF v_plan.ops_per_second IS NOT NULL THEN
         PERFORM kvapi_data.check_rate(p_app_id, v_plan.ops_per_second);
     END IF;
     RETURN v_plan;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION kvapi_data.check_access(p_app_id text, p_key text, p_requester jsonb, p_mode text)
+RETURNS void
+LANGUAGE plpgsql STABLE
+AS $$
+BEGIN
+    PERFORM kvapi_data.check_caller(p_app_id);
+    PERFORM kvapi_data.check_rules(p_app_id, p_key, p_requester, p_mode);
 END
 $$;
 
@@ -533,4 +586,4 @@ BEGIN
 END
 $$;
 
-REVOKE EXECUTE ON FUNCTION kvapi_data.caller_sees_all_apps(), kvapi_data.write_entry(text, text, jsonb, timestamptz, boolean, boolean, integer) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION kvapi_data.caller_sees_all_apps(), kvapi_data.check_rules(text, text, jsonb, text), kvapi_data.write_entry(text, text, jsonb, timestamptz, boolean, boolean, integer) FROM PUBLIC;
