@@ -12,6 +12,9 @@
    partitions and on plain copies. Next to the raw get on the same tables
    and kv_get, it splits kv_get's cost into the function call, the second
    tier, the partitions and kvapi's own checks.
+5. Time per call of each function that get, set durable and incr run,
+   from pg_stat_user_functions with track_functions = all (1 client):
+   total time includes the functions it calls, self time does not.
 """
 
 from __future__ import annotations
@@ -107,6 +110,8 @@ def run(environment: BenchEnvironment, args: argparse.Namespace) -> dict:
     result["steps"], text = step_costs(environment, max(1.0, duration / 2))
     sections.append(text)
     result["floor"], text = floor_under_kv_get(environment, clients_list, duration)
+    sections.append(text)
+    result["function_times"], text = function_times(environment, duration)
     sections.append(text)
     result["text"] = "Diagnosis\n\n" + "\n\n".join(sections)
     return result
@@ -228,3 +233,28 @@ def floor_under_kv_get(environment: BenchEnvironment, clients_list: list[int], d
             progress("diagnose", rows[-1])
     return data, ("The floor under kv_get: raw get and a PL/pgSQL function shaped like kv_get without its checks, "
                   "by table layout\n" + report.format_table(MEASUREMENT_HEADER, rows))
+
+
+FUNCTION_TIMES = """
+SELECT schemaname || '.' || funcname, calls, total_time * 1000 / calls, self_time * 1000 / calls
+FROM pg_stat_user_functions WHERE calls > 0 ORDER BY total_time DESC
+"""
+
+
+def function_times(environment: BenchEnvironment, duration: float) -> tuple[list, str]:
+    data, rows = [], []
+    for case in ("get", "set_durable", "incr"):
+        environment.execute("SELECT pg_stat_reset()")
+        script = environment.write_script(f"diagnose_times_{case}", workloads.pgbench_script("functions", case, environment.keys))
+        environment.run_pgbench(script, 1, duration, extra_env={"PGOPTIONS": "-c track_functions=all"})
+        with psycopg.connect(environment.database_url, autocommit=True) as connection:
+            # The backends report their counters when they exit; wait for them.
+            connection.execute("SELECT pg_stat_clear_snapshot()")
+            functions = connection.execute(FUNCTION_TIMES).fetchall()
+        for name, calls, total_us, self_us in functions:
+            data.append({"case": case, "function": name, "calls": calls, "total_us": total_us, "self_us": self_us})
+            rows.append([workloads.CASE_TITLES[case], name, f"{calls:,}", f"{total_us:,.1f}", f"{self_us:,.1f}"])
+            progress("diagnose", rows[-1])
+    return data, ("Time per call of each function (pg_stat_user_functions, track_functions = all, 1 client; "
+                  "total includes the functions called, self does not)\n"
+                  + report.format_table(["case", "function", "calls", "total_us", "self_us"], rows))

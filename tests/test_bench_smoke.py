@@ -56,3 +56,43 @@ def test_bench_prints_ratio_row(bench_run, ratio):
 
 def test_bench_prints_load_average(bench_run):
     assert "load average (1, 5, 15 min): start" in bench_run.stdout
+
+
+REPORTS_COMMAND = [
+    sys.executable, "-m", "bench.run", "--quick", "--duration", "1", "--cases", "none", "--targets", "functions",
+    "--keys", "1000", "--diagnose", "--large-keys", "2000", "--small-keys", "1000", "--purge-keys", "500",
+    "--soak", "2", "--soak-interval", "1",
+]
+
+
+@pytest.fixture(scope="module")
+def reports_run() -> subprocess.CompletedProcess:
+    return subprocess.run(REPORTS_COMMAND, cwd=REPOSITORY_ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_reports_run_exits_zero(reports_run):
+    assert reports_run.returncode == 0, reports_run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("heading", [
+    "plan_cache_mode (pgbench -M prepared",
+    "Cost of each step of kv_get alone",
+    "The floor under kv_get:",
+    "Large data: app ",
+    "Soak: kv_get with touch and kv_incr",
+])
+def test_reports_print_section(reports_run, heading):
+    lines = [line for line in reports_run.stdout.splitlines() if line.startswith(heading)]
+    assert len(lines) == 1, reports_run.stdout[-3000:]
+
+
+def test_reports_time_three_purges(reports_run):
+    purges = [line for line in reports_run.stdout.splitlines() if line.startswith("purge of ")]
+    assert [line.split(" deleted in ")[0].split(": ")[-1] for line in purges] == ["500", "500", "50"]
+
+
+def test_reports_runs_have_no_errors(reports_run):
+    # Every diagnosis row ends with its error count.
+    rows = [line.split() for line in reports_run.stdout.splitlines() if line.startswith(("raw get", "PL/pgSQL floor", "kvapi."))]
+    assert rows, reports_run.stdout[-3000:]
+    assert [row[-1] for row in rows] == ["0"] * len(rows)
