@@ -565,3 +565,27 @@ def test_database_down_is_503(tmp_path):
         if server is not None:
             stop_kvapi_server(server)
         database.stop(_signal=signal.SIGINT)
+
+
+def test_repeated_touch_uses_last_value(client, http_app, stored_key):
+    response = client.get(key_path(http_app.app_id, "k") + "?touch=5&touch=7")
+
+    assert response.status_code == 200
+    assert response.json()["ttl"] == 7
+
+
+def test_repeated_touch_checks_last_value(client, http_app, stored_key):
+    response = client.get(key_path(http_app.app_id, "k") + "?touch=5&touch=abc")
+
+    assert_error(response, 400, "KV_INVALID_REQUEST")
+    assert "'abc'" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("touch", ["0", "2147483648"])
+def test_touch_out_of_range_names_range(client, http_app, stored_key, touch):
+    response = client.get(key_path(http_app.app_id, "k") + f"?touch={touch}")
+
+    assert_error(response, 400, "KV_INVALID_REQUEST")
+    assert response.json()["error"]["message"] == (
+        f"invalid touch '{touch}': use touch=true for the default TTL or touch=N for N seconds from 1 to 2147483647"
+    )

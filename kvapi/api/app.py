@@ -133,11 +133,11 @@ async def respond(send: Any, status: int, headers: dict[str, str] | None, body: 
 
 async def serve_get(litestar: Litestar, scope: dict[str, Any], receive: Any, send: Any, app_id: str, key: str) -> None:
     headers = request_headers(scope)
+    # The last touch counts when it is repeated, as in the Litestar route.
     touch = None
     for name, value in parse_qsl(scope.get("query_string", b"").decode("utf-8", errors="replace"), keep_blank_values=True):
         if name == "touch":
             touch = value
-            break
     try:
         parts = await read_key(litestar.state, headers.get("authorization"), app_id, key, touch)
     except Exception as error:  # every error becomes a response, as in the Litestar handlers

@@ -32,6 +32,8 @@ JSON = "application/json"
 ANONYMOUS = "{}"
 encode_json = msgspec.json.encode
 _TOUCH_SECONDS = re.compile(r"[0-9]{1,20}")
+# The largest TTL kvapi_data.ttl_seconds accepts.
+MAX_TTL_SECONDS = 2147483647
 _LIMIT = re.compile(r"[0-9]{1,9}")
 APP_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -165,16 +167,20 @@ def touch_param(touch: str | None) -> str | None:
         return None
     if touch == "true":
         return "true"
-    if _TOUCH_SECONDS.fullmatch(touch):
+    if _TOUCH_SECONDS.fullmatch(touch) and 1 <= int(touch) <= MAX_TTL_SECONDS:
         return touch
-    raise KvError("KV_INVALID_REQUEST", f"invalid touch {touch!r}: use touch=true for the default TTL or touch=N for N seconds")
+    raise KvError(
+        "KV_INVALID_REQUEST",
+        f"invalid touch {touch!r}: use touch=true for the default TTL or touch=N for N seconds from 1 to {MAX_TTL_SECONDS}",
+    )
 
 
 @get(
     "/v1/{app_id:str}/kv/{key:path}",
     summary="Read a key",
     description="200 `{key, value, ttl, version}` with an `ETag`; 404 `{value: null, error}`. "
-    "`?touch=true` resets an expiring key's TTL to the default, `?touch=N` to N seconds.",
+    "`?touch=true` resets an expiring key's TTL to the default, `?touch=N` to N seconds; "
+    "when `touch` is repeated, the last one counts.",
 )
 async def get_key(request: Request, touch: FromQuery[str | None] = None) -> Response:
     app_id, key = key_from_scope(request)
@@ -206,6 +212,7 @@ async def head_key(request: Request) -> Response[None]:
     "/v1/{app_id:str}/kv/{key:path}",
     summary="Write a key",
     description="Body `{value, ttl?, keepTtl?, ephemeral?}`; 200 `{key, ttl, version}` with an `ETag`. "
+    "Without `ttl` the key gets the plan's default TTL, even when it had no expiry; `keepTtl: true` keeps the current one. "
     "`If-Match: \"<version>\"` makes the write conditional and `If-None-Match: *` create-only (412 otherwise).",
     status_code=200,
 )
