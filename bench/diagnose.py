@@ -8,7 +8,7 @@
 4. The floor under kv_get, built in the benchmark's own throwaway
    database: a PL/pgSQL function shaped like kv_get (SECURITY DEFINER,
    pinned search_path, both tiers read in one statement) that does nothing
-   else, on kvapi's tables (16 hash partitions each), on copies with 4
+   else, on kvapi's tables (4 hash partitions each), on copies with 16
    partitions and on plain copies. Next to the raw get on the same tables
    and kv_get, it splits kv_get's cost into the function call, the second
    tier, the partitions and kvapi's own checks.
@@ -62,19 +62,21 @@ FIND_LIVE_QUERY = (
     "UNION ALL SELECT e.value, e.version, e.expires_at, true FROM kvapi_data.ephemeral_entries e "
     f"WHERE e.app_id = :app AND e.key = {KEY} AND (e.expires_at IS NULL OR e.expires_at > now()) LIMIT 1;"
 )
-# Table layouts of the floor experiment: schema, then partitions per table
-# (0 for plain tables). bench_plain is the benchmark's plain copy.
-FLOOR_LAYOUTS = [("kvapi_data", 16), ("bench_p4", 4), ("bench_plain", 0)]
-FOUR_PARTITIONS = """
-CREATE SCHEMA bench_p4;
-CREATE TABLE bench_p4.entries (LIKE kvapi_data.entries INCLUDING ALL) PARTITION BY HASH (app_id);
-CREATE TABLE bench_p4.ephemeral_entries (LIKE kvapi_data.ephemeral_entries INCLUDING ALL) PARTITION BY HASH (app_id);
+# Table layouts of the floor experiment: schema and partitions per table
+# (0 for plain tables). kvapi_data is kvapi's own layout, bench_plain the
+# benchmark's plain copy, and bench_p16 a copy with 16 partitions, kvapi's
+# layout before revision 0003.
+FLOOR_LAYOUTS = [("kvapi_data", 4), ("bench_p16", 16), ("bench_plain", 0)]
+PARTITIONED_COPY = """
+CREATE SCHEMA bench_p16;
+CREATE TABLE bench_p16.entries (LIKE kvapi_data.entries INCLUDING ALL) PARTITION BY HASH (app_id);
+CREATE TABLE bench_p16.ephemeral_entries (LIKE kvapi_data.ephemeral_entries INCLUDING ALL) PARTITION BY HASH (app_id);
 """
-FOUR_PARTITION_TABLES = """
-SELECT format('CREATE TABLE bench_p4.entries_p%s PARTITION OF bench_p4.entries FOR VALUES WITH (MODULUS 4, REMAINDER %s)', r, r),
-       format('CREATE UNLOGGED TABLE bench_p4.ephemeral_entries_p%s PARTITION OF bench_p4.ephemeral_entries '
-              'FOR VALUES WITH (MODULUS 4, REMAINDER %s)', r, r)
-FROM generate_series(0, 3) AS r
+PARTITIONED_COPY_TABLES = """
+SELECT format('CREATE TABLE bench_p16.entries_p%s PARTITION OF bench_p16.entries FOR VALUES WITH (MODULUS 16, REMAINDER %s)', r, r),
+       format('CREATE UNLOGGED TABLE bench_p16.ephemeral_entries_p%s PARTITION OF bench_p16.ephemeral_entries '
+              'FOR VALUES WITH (MODULUS 16, REMAINDER %s)', r, r)
+FROM generate_series(0, 15) AS r
 """
 # kv_get's shape without its checks: one statement over both tiers.
 FLOOR_FUNCTION = """
@@ -165,12 +167,15 @@ def explain_and_locks(environment: BenchEnvironment) -> tuple[dict, str]:
                 data[f"{table} {mode}"] = {"plan": plan, "fastpath_locks": fast, "lock_manager_locks": slow}
                 lines.append(f"\n-- {table}, plan_cache_mode = {mode}: {fast} fast-path relation locks, "
                              f"{slow} in the shared lock manager\n{plan}")
-        connection.execute("RESET plan_cache_mode")
+        # Generic plans are what a function's statements settle on after
+        # five calls in a session.
+        connection.execute("SET plan_cache_mode = force_generic_plan")
         with connection.transaction():
             connection.execute("SELECT * FROM kvapi.kv_get(%s::text, 'k:1')", [workloads.APP_ID]).fetchall()
             fast, slow = connection.execute(LOCKS_TAKEN).fetchone()
+        connection.execute("RESET plan_cache_mode")
         data["kvapi.kv_get"] = {"fastpath_locks": fast, "lock_manager_locks": slow}
-        lines.append(f"\n-- SELECT * FROM kvapi.kv_get('bench', 'k:1'), first call in a session: {fast} fast-path "
+        lines.append(f"\n-- SELECT * FROM kvapi.kv_get('bench', 'k:1'), generic plans: {fast} fast-path "
                      f"relation locks, {slow} in the shared lock manager")
     return data, "\n".join(lines)
 
@@ -196,14 +201,14 @@ def step_costs(environment: BenchEnvironment, duration: float) -> tuple[list, st
 
 def floor_under_kv_get(environment: BenchEnvironment, clients_list: list[int], duration: float) -> tuple[list, str]:
     with psycopg.connect(environment.database_url, autocommit=True) as connection:
-        connection.execute(FOUR_PARTITIONS)
-        for (create_durable, create_ephemeral) in connection.execute(FOUR_PARTITION_TABLES).fetchall():
+        connection.execute(PARTITIONED_COPY)
+        for (create_durable, create_ephemeral) in connection.execute(PARTITIONED_COPY_TABLES).fetchall():
             connection.execute(create_durable)
             connection.execute(create_ephemeral)
-        connection.execute("INSERT INTO bench_p4.entries SELECT * FROM kvapi_data.entries")
-        connection.execute("INSERT INTO bench_p4.ephemeral_entries SELECT * FROM kvapi_data.ephemeral_entries")
-        connection.execute("ANALYZE bench_p4.entries")
-        connection.execute("ANALYZE bench_p4.ephemeral_entries")
+        connection.execute("INSERT INTO bench_p16.entries SELECT * FROM kvapi_data.entries")
+        connection.execute("INSERT INTO bench_p16.ephemeral_entries SELECT * FROM kvapi_data.ephemeral_entries")
+        connection.execute("ANALYZE bench_p16.entries")
+        connection.execute("ANALYZE bench_p16.ephemeral_entries")
         connection.execute("CREATE SCHEMA bench_floor")
         for schema, _ in FLOOR_LAYOUTS:
             connection.execute(FLOOR_FUNCTION.format(schema=schema))
@@ -217,7 +222,7 @@ def floor_under_kv_get(environment: BenchEnvironment, clients_list: list[int], d
         scripts.append((f"raw get, {layout}", key_id + raw))
         scripts.append((f"PL/pgSQL floor, both tiers, {layout}",
                         key_id + f"SELECT value, version, ttl FROM bench_floor.get_{schema}(:app, 'k:' || :id);\n"))
-    scripts.append(("kvapi.kv_get, 16 partitions", workloads.pgbench_script("functions", "get", environment.keys)))
+    scripts.append(("kvapi.kv_get, 4 partitions", workloads.pgbench_script("functions", "get", environment.keys)))
 
     data, rows = [], []
     for index, (label, text) in enumerate(scripts):

@@ -241,7 +241,7 @@ def test_kill_9_keeps_acknowledged_writes(durable_server: pgserver.TestServer) -
 
     # Crash recovery emptied the UNLOGGED tables and kept them UNLOGGED.
     assert ephemeral_count == 0
-    assert unlogged_partitions == 16
+    assert unlogged_partitions == 4
 
     with psycopg.connect(url, autocommit=True) as connection:
         for key in seed_ephemeral:

@@ -28,7 +28,7 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 SQL_DIR = REPOSITORY / "sql"
 VERSIONS_DIR = REPOSITORY / "migrations" / "versions"
 SCHEMAS = ("kvapi", "kvapi_data")
-PARTITIONS = 16
+PARTITIONS = 4
 
 _database_numbers = itertools.count()
 
@@ -321,6 +321,7 @@ def test_every_folder_belongs_to_revision():
 FROZEN_FOLDERS = {
     "0001": "02c57dece0b53f91c2daf4afd7db11caf3b3a3e2b14e5cc55f7c6737c6d7d746",
     "0002": "919ff2c824d83b51cfb9e978046898b8a1a29c2e8a9feaafdb3fcdf219b58f16",
+    "0003": "b706b587f2fa3a2ca17b136a8672ce44c2398282a2488daf821fb686ea9e04ca",
 }
 
 
@@ -353,3 +354,44 @@ def test_downgrade_to_0001_restores_its_catalog(pg_server):
     diff = catalog_diff(first, downgraded, "installed by the 0001 folder", "downgraded from head to 0001")
     if diff:
         pytest.fail(f"the catalogs differ:\n{diff}", pytrace=False)
+
+
+def test_repartition_keeps_rows_and_usage(pg_server):
+    """Revision 0003 copies every row of both tiers into the new partitions:
+    the rows, their versions and expiries, and the usage counters are the
+    same before and after the upgrade, and after a downgrade."""
+    rows_query = (
+        "SELECT app_id, key, value::text, version, expires_at, size_bytes, tier FROM ("
+        " SELECT *, 'durable' AS tier FROM kvapi_data.entries"
+        " UNION ALL SELECT *, 'ephemeral' FROM kvapi_data.ephemeral_entries) t ORDER BY tier, app_id, key"
+    )
+    for url in new_empty_database(pg_server):
+        migrate.upgrade(url, "0002")
+        with psycopg.connect(url, autocommit=True) as connection:
+            for app_id in ("alpha", "beta", "gamma"):
+                connection.execute("SELECT kvapi.app_create(%s, sha256(%s::bytea), 'secret')", [app_id, app_id])
+                connection.execute("SELECT kvapi.kv_mset(%s, '{\"a\": 1, \"b\": [2], \"c\": \"x\"}')", [app_id])
+                connection.execute("SELECT kvapi.kv_mset(%s, '{\"e\": true}', p_ttl => '60', p_ephemeral => true)", [app_id])
+                connection.execute("SELECT kvapi.kv_incr(%s, 'n', 5)", [app_id])
+            before = connection.execute(rows_query).fetchall()
+            usage_before = [connection.execute("SELECT kvapi.kv_usage(%s)", [app_id]).fetchone() for app_id in ("alpha", "beta", "gamma")]
+
+        migrate.upgrade(url)
+        with psycopg.connect(url, autocommit=True) as connection:
+            upgraded = connection.execute(rows_query).fetchall()
+            usage_upgraded = [connection.execute("SELECT kvapi.kv_usage(%s)", [app_id]).fetchone() for app_id in ("alpha", "beta", "gamma")]
+            partitions = connection.execute(
+                "SELECT count(*) FROM pg_inherits WHERE inhparent = 'kvapi_data.entries'::regclass").fetchone()[0]
+
+        command.downgrade(migrate.alembic_config(url), "0002")
+        with psycopg.connect(url, autocommit=True) as connection:
+            downgraded = connection.execute(rows_query).fetchall()
+            old_partitions = connection.execute(
+                "SELECT count(*) FROM pg_inherits WHERE inhparent = 'kvapi_data.entries'::regclass").fetchone()[0]
+
+    assert len(before) == 15
+    assert upgraded == before
+    assert usage_upgraded == usage_before
+    assert partitions == PARTITIONS
+    assert downgraded == before
+    assert old_partitions == 16
