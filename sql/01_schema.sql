@@ -81,11 +81,11 @@ CREATE TABLE kvapi_data.ephemeral_entries (
 
 -- 4 hash partitions each. Inside kvapi's functions every statement runs a
 -- generic plan, which on PostgreSQL 15 locks every partition before it
--- prunes them; a backend has 16 fast-path lock slots, and locks beyond them
--- go through the shared lock manager, where concurrent calls contend. With
--- 4 partitions a get's statement (apps, plans, both tables and their
--- partitions, the indexes it reads) takes 16 locks. docs/benchmarks.md
--- measures 16, 4 and no partitions.
+-- prunes them. A backend has 16 fast-path lock slots. Locks beyond them go
+-- through the shared lock manager, where concurrent calls contend. With 4
+-- partitions a get's statement (apps, plans, both tables and their
+-- partitions, the indexes it reads) stays within those slots.
+-- docs/benchmarks.md measures 16, 4 and no partitions.
 DO $$
 BEGIN
     FOR v_remainder IN 0..3 LOOP
