@@ -8,6 +8,8 @@ its table and ratio rows.
 
 from __future__ import annotations
 
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import report
+from bench import report, run
 
 REPOSITORY_ROOT = Path(__file__).resolve().parent.parent
 TOOLS = ["pgbench", "wrk", "redis-server", "redis-benchmark", "webdis"]
@@ -96,3 +98,18 @@ def test_reports_runs_have_no_errors(reports_run):
     rows = [line.split() for line in reports_run.stdout.splitlines() if line.startswith(("raw get", "PL/pgSQL floor", "kvapi."))]
     assert rows, reports_run.stdout[-3000:]
     assert [row[-1] for row in rows] == ["0"] * len(rows)
+
+
+def test_documented_commands_parse():
+    """Every `python -m bench.run` command in docs/benchmarks.md is accepted
+    by today's argument parser, so the page cannot drift from the tool."""
+    text = (REPOSITORY_ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    commands = [match.group(1).split("#")[0] for match in re.finditer(r"python -m bench\.run([^`\n]*)", text)]
+    rejected = []
+    for arguments in commands:
+        try:
+            run.parse_args(shlex.split(arguments))
+        except SystemExit:
+            rejected.append(arguments.strip())
+    assert len(commands) >= 10
+    assert rejected == []
