@@ -3,10 +3,11 @@
 pgbench runs kvapi.kv_get with touch on the loaded k: keys and kvapi.kv_incr
 on the c: counters, half and half, for --soak seconds at --soak-clients
 clients, with autovacuum at the server's defaults. Every --soak-interval
-seconds a second connection samples the partitions of kvapi_data.entries
-from pg_stat_user_tables and the size functions: total size (indexes and
-TOAST included), heap size, primary key and expiry index sizes, live and
-dead tuples, updates, HOT updates and autovacuum runs. The report lists
+seconds a second connection samples the partitions of kvapi_data.entries.
+From the size functions it reads the total size (indexes and TOAST
+included), heap size and primary key and expiry index sizes; from
+pg_stat_user_tables the live and dead tuples, updates, HOT updates and
+autovacuum runs. The report lists
 the samples and compares the last size with the first.
 
 Touch changes expires_at, which the expiry indexes cover, so its updates

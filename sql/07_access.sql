@@ -47,9 +47,9 @@ CREATE TABLE kvapi_data.role_bindings (
 );
 
 -- Whether the session may touch every app: superusers (members of every
--- role) and members of kvapi_api. A LANGUAGE sql function without SET
--- clauses or subqueries, so the planner inlines it into the statements of
--- the hot paths; those call check_caller only when it is false.
+-- role) and members of kvapi_api. It is a LANGUAGE sql function without
+-- SET clauses or subqueries, so the planner inlines it into the statements
+-- of the hot paths. Those call check_caller only when it is false.
 CREATE FUNCTION kvapi_data.caller_sees_all_apps() RETURNS boolean
 LANGUAGE sql STABLE
 RETURN pg_has_role(session_user, 'kvapi_api', 'MEMBER');

@@ -20,7 +20,7 @@ from litestar.openapi import OpenAPIConfig
 from kvapi import __version__
 from kvapi.api.auth import CredentialCache
 from kvapi.api.keypath import KeyPathRouter
-from kvapi.api.routes import JSON, ROUTES, encode_json, read_key, write_key
+from kvapi.api.routes import ROUTES, ResponseParts, encode_json, parts_response, read_key, write_key
 from kvapi.database import create_pool, translate_error
 from kvapi.errors import KvError
 from kvapi.purge import purge_loop
@@ -33,7 +33,7 @@ MAX_BODY_BYTES = 16 * 1024 * 1024
 _HTTP_STATUS_CODES = {404: "KV_NOT_FOUND", 413: "KV_VALUE_TOO_LARGE", 401: "KV_UNAUTHORIZED", 403: "KV_FORBIDDEN"}
 
 
-def error_parts(status_code: int, code: str, message: str, **extra: object) -> tuple[int, dict[str, str] | None, bytes]:
+def error_parts(status_code: int, code: str, message: str, **extra: object) -> ResponseParts:
     """Return (status, extra headers, JSON body) of an error response."""
     headers = None
     if "retry_after" in extra:
@@ -42,11 +42,10 @@ def error_parts(status_code: int, code: str, message: str, **extra: object) -> t
 
 
 def error_response(status_code: int, code: str, message: str, **extra: object) -> Response:
-    status, headers, body = error_parts(status_code, code, message, **extra)
-    return Response(content=body, status_code=status, media_type=JSON, headers=headers)
+    return parts_response(error_parts(status_code, code, message, **extra))
 
 
-def exception_parts(error: Exception, ids: dict[str, object]) -> tuple[int, dict[str, str] | None, bytes]:
+def exception_parts(error: Exception, ids: dict[str, object]) -> ResponseParts:
     """Return the error response for an exception raised while serving a
     request, and log it with the request's ids unless the client caused it."""
     if isinstance(error, KvError):
@@ -72,8 +71,7 @@ def _request_ids(request: Request) -> dict[str, object]:
 
 
 def handle_exception(request: Request, error: Exception) -> Response:
-    status, headers, body = exception_parts(error, _request_ids(request))
-    return Response(content=body, status_code=status, media_type=JSON, headers=headers)
+    return parts_response(exception_parts(error, _request_ids(request)))
 
 
 def handle_http_exception(request: Request, error: HTTPException) -> Response:
@@ -81,8 +79,7 @@ def handle_http_exception(request: Request, error: HTTPException) -> Response:
     if error.status_code >= 500:
         logger.error("HTTP error", extra={"event": "request.error", **_request_ids(request), "error": error.detail})
     if error.status_code == 413:
-        status, headers, body = body_too_large_parts(request.headers.get("content-length", ""))
-        return Response(content=body, status_code=status, media_type=JSON, headers=headers)
+        return parts_response(body_too_large_parts(request.headers.get("content-length", "")))
     return error_response(error.status_code, code, str(error.detail))
 
 
@@ -109,7 +106,7 @@ async def read_body(receive: Any) -> bytes | None:
             return b"".join(chunks)
 
 
-def body_too_large_parts(content_length: str) -> tuple[int, dict[str, str] | None, bytes]:
+def body_too_large_parts(content_length: str) -> ResponseParts:
     # A chunked body has no Content-Length, so its size is unknown.
     extra: dict[str, object] = {"limit": MAX_BODY_BYTES}
     if content_length.isdigit():
@@ -118,7 +115,8 @@ def body_too_large_parts(content_length: str) -> tuple[int, dict[str, str] | Non
     return error_parts(413, "KV_VALUE_TOO_LARGE", message, **extra)
 
 
-async def respond(send: Any, status: int, headers: dict[str, str] | None, body: bytes) -> None:
+async def respond(send: Any, parts: ResponseParts) -> None:
+    status, headers, body = parts
     raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode("ascii"))]
     if headers:
         raw_headers += [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
@@ -142,7 +140,7 @@ async def serve_get(litestar: Litestar, scope: dict[str, Any], receive: Any, sen
         parts = await read_key(litestar.state, headers.get("authorization"), app_id, key, touch)
     except Exception as error:  # every error becomes a response, as in the Litestar handlers
         parts = exception_parts(error, {"method": "GET", "path": scope.get("path"), "app_id": app_id})
-    await respond(send, *parts)
+    await respond(send, parts)
 
 
 async def serve_put(litestar: Litestar, scope: dict[str, Any], receive: Any, send: Any, app_id: str, key: str) -> None:
@@ -156,7 +154,7 @@ async def serve_put(litestar: Litestar, scope: dict[str, Any], receive: Any, sen
             parts = await write_key(litestar.state, headers, app_id, key, body)
     except Exception as error:  # every error becomes a response, as in the Litestar handlers
         parts = exception_parts(error, {"method": "PUT", "path": scope.get("path"), "app_id": app_id})
-    await respond(send, *parts)
+    await respond(send, parts)
 
 
 def create_litestar(database_url: str, *, pool_size: int = 10, purge_interval: float = 60.0) -> Litestar:

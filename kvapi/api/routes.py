@@ -38,6 +38,16 @@ _LIMIT = re.compile(r"[0-9]{1,9}")
 APP_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
+# (status, extra headers, JSON body) of a response, shared by the Litestar
+# routes and the raw ASGI handlers.
+ResponseParts = tuple[int, dict[str, str] | None, bytes]
+
+
+def parts_response(parts: ResponseParts) -> Response:
+    status, headers, body = parts
+    return Response(content=body, status_code=status, media_type=JSON, headers=headers)
+
+
 def json_response(content: dict[str, Any], status_code: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(content=encode_json(content), status_code=status_code, media_type=JSON, headers=headers)
 
@@ -184,11 +194,10 @@ def touch_param(touch: str | None) -> str | None:
 )
 async def get_key(request: Request, touch: FromQuery[str | None] = None) -> Response:
     app_id, key = key_from_scope(request)
-    status, headers, body = await read_key(request.app.state, request.headers.get("authorization"), app_id, key, touch)
-    return Response(content=body, status_code=status, media_type=JSON, headers=headers)
+    return parts_response(await read_key(request.app.state, request.headers.get("authorization"), app_id, key, touch))
 
 
-async def read_key(state: Any, authorization: str | None, app_id: str, key: str, touch: str | None) -> tuple[int, dict[str, str] | None, bytes]:
+async def read_key(state: Any, authorization: str | None, app_id: str, key: str, touch: str | None) -> ResponseParts:
     """Read one key for GET and return (status, extra headers, JSON body).
     The Litestar route and KeyPathRouter's raw ASGI path share it. Raises
     KvError and database errors like every handler."""
@@ -218,11 +227,10 @@ async def head_key(request: Request) -> Response[None]:
 )
 async def put_key(request: Request) -> Response:
     app_id, key = key_from_scope(request)
-    status, headers, body = await write_key(request.app.state, request.headers, app_id, key, await request.body())
-    return Response(content=body, status_code=status, media_type=JSON, headers=headers)
+    return parts_response(await write_key(request.app.state, request.headers, app_id, key, await request.body()))
 
 
-async def write_key(state: Any, headers: Mapping[str, str], app_id: str, key: str, body: bytes) -> tuple[int, dict[str, str] | None, bytes]:
+async def write_key(state: Any, headers: Mapping[str, str], app_id: str, key: str, body: bytes) -> ResponseParts:
     """Write one key for PUT and return (status, extra headers, JSON body).
     headers maps lower-case request header names to values. The Litestar
     route and KeyPathRouter's raw ASGI path share it."""
